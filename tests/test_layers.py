@@ -1,0 +1,102 @@
+"""Tests for vlm_jax.models.layers: activations, attention masks, the block stack layouts."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax.models import layers
+
+# Random init with the 'rbg' PRNG: same semantics as the default, but XLA:CPU compiles it far
+# faster than threefry (tests only; the key type travels with the key, no global setting).
+KEY = jax.random.key(0, impl="rbg")
+ENC = dict(depth=2, num_heads=2, mlp_dim=32)
+
+
+def test_activations():
+  x = jnp.linspace(-4.0, 4.0, 101)
+  np.testing.assert_allclose(layers.get_activation("quick_gelu")(x), x / (1 + np.exp(-1.702 * x)),
+                             rtol=1e-6, atol=1e-6)
+  exact, tanh = layers.get_activation("gelu")(x), layers.get_activation("gelu_tanh")(x)
+  np.testing.assert_allclose(exact, jax.nn.gelu(x, approximate=False))
+  np.testing.assert_allclose(tanh, jax.nn.gelu(x, approximate=True))
+  assert np.abs(exact - tanh).max() > 1e-5   # the two GELUs really are different functions
+  with pytest.raises(ValueError, match=r"model\.text\.act: unknown activation 'swish'"):
+    layers.get_activation("swish", "model.text.act")
+
+
+def test_attention_masks_and_cross_attention():
+  attn = layers.Attention(num_heads=2)
+  x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+  x2 = x.at[0, 3:].set(7.0).at[1, 4:].set(-3.0)   # changes only the masked-out positions
+  mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], bool)[:, None, None, :]
+  ctx = jax.random.normal(jax.random.key(2), (2, 7, 24))   # another width and length
+
+  @jax.jit
+  def run():
+    params = attn.init(KEY, x, mask=mask)
+    f = lambda *a, **k: attn.apply(params, *a, **k)
+    cross, cross_vars = attn.init_with_output(KEY, x, ctx)
+    return dict(masked=f(x, mask=mask), masked2=f(x2, mask=mask), plain=f(x), plain2=f(x2),
+                none=f(x, mask=jnp.zeros_like(mask)), cross=cross,
+                cross_params=nn.unbox(cross_vars)["params"])
+  r = run()
+  # Changing padding (masked keys) does not change the outputs at real positions ...
+  np.testing.assert_allclose(r["masked"][0, :3], r["masked2"][0, :3], atol=1e-6)
+  np.testing.assert_allclose(r["masked"][1, :4], r["masked2"][1, :4], atol=1e-6)
+  # ... while without the mask it does, so the check above is meaningful.
+  assert np.abs(r["plain"][0, :3] - r["plain2"][0, :3]).max() > 1e-3
+  # A fully masked row gives finite numbers (large finite negative, not -inf).
+  assert np.isfinite(r["none"]).all()
+  p = r["cross_params"]
+  assert r["cross"].shape == (2, 5, 16)
+  assert p["key"]["kernel"].shape == (24, 2, 8) and p["query"]["kernel"].shape == (16, 2, 8)
+  assert p["out"]["kernel"].shape == (2, 8, 16)
+
+
+def _encoder_outputs(**kw):
+  x = jax.random.normal(jax.random.key(3), (2, 6, 16))
+  mask = jnp.tril(jnp.ones((6, 6), bool))[None, None]
+  enc = layers.Encoder(**ENC, **kw)
+  variables = jax.jit(enc.init)(KEY, x, mask)
+  return enc, variables, x, mask
+
+
+def test_remat_and_scan_match_plain_stack():
+  enc, variables, x, mask = _encoder_outputs()
+  params = nn.unbox(variables)
+  y = jax.jit(enc.apply)(params, x, mask)
+
+  # remat: the very same parameter tree (so checkpoints are interchangeable) and the same output.
+  remat = layers.Encoder(**ENC, remat=True)
+  remat_shapes = jax.eval_shape(remat.init, KEY, x, mask)
+  assert (jax.tree.structure(nn.unbox(remat_shapes)) == jax.tree.structure(params))
+  np.testing.assert_array_equal(jax.jit(remat.apply)(params, x, mask), y)
+
+  # scan: one 'blocks' entry with a leading layers axis; plain params stacked give the same output.
+  scan = layers.Encoder(**ENC, scan=True, remat=True)
+  scan_shapes = nn.unbox(jax.eval_shape(scan.init, KEY, x, mask))
+  stacked = layers.stack_block_params(params)
+  assert jax.tree.map(lambda s: s.shape, scan_shapes) == jax.tree.map(jnp.shape, stacked)
+  assert "blocks" in stacked["params"] and "block_0" not in stacked["params"]
+  np.testing.assert_array_equal(jax.jit(scan.apply)(stacked, x, mask), y)
+  # ... and the conversion round-trips exactly.
+  back = layers.unstack_block_params(stacked)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+
+  # Scanned params keep their logical names, with 'layers' in front.
+  boxed = jax.eval_shape(scan.init, KEY, x, mask)["params"]["blocks"]["mlp"]["fc1"]["kernel"]
+  assert boxed.names == ("layers", "embed", "mlp")
+
+
+def test_bf16_compute_keeps_fp32_params():
+  enc = layers.Encoder(**ENC, dtype=jnp.bfloat16)
+  x = jnp.ones((1, 4, 16), jnp.bfloat16)
+  y, variables = jax.jit(enc.init_with_output)(KEY, x)
+  assert y.dtype == jnp.bfloat16
+  assert {a.dtype for a in jax.tree.leaves(nn.unbox(variables))} == {jnp.dtype(jnp.float32)}
+
+
+def test_depth_must_be_positive():
+  with pytest.raises(ValueError, match="depth"):
+    layers.Encoder(depth=0, num_heads=2, mlp_dim=8).init(KEY, jnp.ones((1, 2, 8)))

@@ -1,0 +1,56 @@
+"""CoCa: contrastive two-tower + multimodal captioning decoder, from one forward pass.
+
+The image tower runs once: its pooled output feeds the contrastive head, its token sequence
+(the patch tokens after the final LayerNorm) is what the decoder cross-attends to. The decoder
+has its own token/position embeddings and reads the caption with teacher forcing.
+
+`__call__(images, text, *, train=False)` returns the TwoTower outputs plus
+    caption_logits [B, L, vocab] float32; position t predicts token t+1.
+Methods: encode_images, encode_texts (as TwoTower), image_tokens(images) -> [B, N, Wimg],
+decode(image_tokens, text, *, decode=False) -> logits; for KV-cache generation see
+`init_cache` and the decoder module docstring.
+Parameter names: those of TwoTower plus decoder/....
+"""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.models.two_tower import TwoTower, l2_normalize
+
+
+class CoCa(TwoTower):
+  """CoCa; see the module docstring. Build with `vlm_jax.models.build_model`."""
+  decoder: Optional[nn.Module] = None     # a decoder.Decoder
+
+  def image_tokens(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    """images -> the image tower's token sequence [B, N, Wimg] (decoder cross-attention input)."""
+    _, tokens = self.image(images, train=train)
+    return tokens
+
+  def decode(self, image_tokens: jax.Array, text: jax.Array, *, decode: bool = False,
+             train: bool = False) -> jax.Array:
+    """Caption logits [B, L, vocab] float32 (decode=True: one token per call, KV cache)."""
+    return self.decoder(image_tokens, text, train=train, decode=decode)
+
+  def __call__(self, images: jax.Array, text: jax.Array, *, train: bool = False) -> dict:
+    pooled, tokens = self.image(images, train=train)
+    return dict(image_embed=l2_normalize(self.image_projection(pooled)),
+                text_embed=self.encode_texts(text, train=train),
+                caption_logits=self.decode(tokens, text, train=train),
+                **self.logits_params())
+
+
+def init_cache(model: CoCa, variables: dict, image_tokens: jax.Array, max_length: int) -> dict:
+  """A zeroed KV cache for decoding `max_length` tokens: the 'cache' collection to pass (with
+  the params) to `model.apply(..., method='decode', decode=True, mutable=['cache'])`.
+
+  Only shapes are traced (jax.eval_shape); the model is not run.
+  """
+  batch = image_tokens.shape[0]
+  dummy = jnp.zeros((batch, max_length), jnp.int32)
+  _, shapes = jax.eval_shape(
+      lambda v, t: model.apply(v, t, dummy, decode=True, method="decode", mutable=["cache"]),
+      {"params": variables["params"]}, image_tokens)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])

@@ -1,0 +1,365 @@
+"""Transformer building blocks shared by the image tower, text tower and decoder.
+
+Everything here is plain Flax Linen. Two conventions hold throughout:
+
+* Every parameter is created through `nn.with_logical_partitioning`, so it carries logical axis
+  names ('embed', 'mlp', 'heads', 'kv', 'vocab', 'patch', 'joint', 'length' and, for scanned
+  stacks, 'layers'). The trainer maps those names to mesh axes by config.
+* Large activations pass through `nn.with_logical_constraint`; outside a mesh this is a no-op.
+
+Parameter names (what a checkpoint or a weight importer sees), for one block:
+
+    block_<i>/ln_1/{scale,bias}                 pre-attention LayerNorm
+    block_<i>/attn/{query,key,value}/{kernel [embed, heads, kv], bias [heads, kv]}
+    block_<i>/attn/out/{kernel [heads, kv, embed], bias [embed]}
+    block_<i>/ln_2/{scale,bias}                 pre-MLP LayerNorm
+    block_<i>/mlp/fc1/{kernel [embed, mlp], bias [mlp]}
+    block_<i>/mlp/fc2/{kernel [mlp, embed], bias [embed]}
+
+A decoder block has `self_attn` and `cross_attn` (with `ln_1`, `ln_2`, `ln_3` in front of
+self-attention, cross-attention and MLP). With `scan=True` the blocks of a stack live under one
+name, `blocks`, with a leading 'layers' axis; `stack_block_params` / `unstack_block_params`
+convert between the two layouts.
+"""
+import functools
+import re
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Array = jax.Array
+
+# Logical names of the activations that get sharding constraints.
+BATCH, LENGTH, EMBED, HEADS, KV = "batch", "length", "embed", "heads", "kv"
+ACT_AXES = (BATCH, LENGTH, EMBED)
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def quick_gelu(x: Array) -> Array:
+  """The sigmoid approximation of GELU used by OpenAI CLIP: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def get_activation(name: str, field: str = "act") -> Callable[[Array], Array]:
+  """Returns the activation called `name`; `field` names the config field in the error."""
+  if name == "gelu":
+    return functools.partial(jax.nn.gelu, approximate=False)
+  if name == "gelu_tanh":
+    return functools.partial(jax.nn.gelu, approximate=True)
+  if name == "quick_gelu":
+    return quick_gelu
+  raise ValueError(f"{field}: unknown activation {name!r}; expected one of "
+                   f"{', '.join(ACTIVATIONS)}")
+
+
+# Initialisers. Dense kernels are Xavier-uniform over their real fan-in / fan-out axes (the
+# attention kernels are 3-D, so the axes are spelled out), biases start at zero.
+def dense_init(in_axis=-2, out_axis=-1):
+  return nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
+
+
+def partitioned(init: Callable, names: tuple) -> Callable:
+  """`init` whose result carries the logical axis `names` (one per array dimension)."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(name: str, eps: float, use_bias: bool, dtype: Dtype,
+               param_dtype: Dtype) -> nn.LayerNorm:
+  """LayerNorm over the width ('embed') axis; statistics are computed in float32 by Flax."""
+  return nn.LayerNorm(
+      epsilon=eps, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=partitioned(nn.initializers.ones_init(), (EMBED,)),
+      bias_init=partitioned(nn.initializers.zeros_init(), (EMBED,)))
+
+
+def dense(features: int, names: tuple, *, use_bias: bool, dtype: Dtype, param_dtype: Dtype,
+          name: str, kernel_init: Optional[Callable] = None) -> nn.Dense:
+  """A Dense layer whose kernel has logical axes `names` (in, out) and bias axes (out,)."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=partitioned(kernel_init or dense_init(), names),
+      bias_init=partitioned(nn.initializers.zeros_init(), names[-1:]))
+
+
+class Projection(nn.Module):
+  """Projects the last axis of `x` to `shape` (or back from `shape` when `in_dims` > 1).
+
+  This is a small DenseGeneral with explicit logical axis names: the attention kernels keep the
+  head axes separate ([embed, heads, kv] and [heads, kv, embed]) so that the 'heads' axis can be
+  sharded for tensor parallelism.
+  """
+  features: tuple          # output shape (over the trailing axes)
+  names: tuple             # logical names of the kernel axes (inputs then outputs)
+  in_dims: int = 1         # how many trailing input axes are contracted
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[-self.in_dims:]
+    n_in, n_out = len(in_shape), len(self.features)
+    init = dense_init(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", partitioned(init, self.names), in_shape + tuple(self.features),
+                        self.param_dtype)
+    x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+    y = jnp.tensordot(x, kernel, axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))))
+    if self.use_bias:
+      bias = self.param("bias", partitioned(nn.initializers.zeros_init(), self.names[n_in:]),
+                        tuple(self.features), self.param_dtype)
+      y = y + jnp.asarray(bias, self.dtype)
+    return y
+
+
+class Attention(nn.Module):
+  """Multi-head dot-product attention: self-attention (context=None) or cross-attention.
+
+  mask: boolean, broadcastable to [batch, heads, q_len, kv_len]; True = may attend.
+  decode: autoregressive self-attention with a KV cache in the Flax 'cache' collection. The
+    first call (cache absent) creates zeroed cache buffers sized by its input length and computes
+    the ordinary (masked) attention; later calls take one new token each, write its key/value at
+    `cache_index` and attend to positions <= cache_index.
+  """
+  num_heads: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Optional[Array] = None, mask: Optional[Array] = None,
+               decode: bool = False) -> Array:
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"num_heads: width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    kv_in = x if context is None else context
+    proj = functools.partial(Projection, (self.num_heads, head_dim), ("embed", HEADS, KV),
+                             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    q = proj(name="query")(x)
+    k = proj(name="key")(kv_in)
+    v = proj(name="value")(kv_in)
+    qkv_axes = (BATCH, LENGTH, HEADS, KV)
+    q = nn.with_logical_constraint(q, qkv_axes)
+    k = nn.with_logical_constraint(k, qkv_axes)
+    v = nn.with_logical_constraint(v, qkv_axes)
+
+    if decode:
+      if context is not None:
+        raise ValueError("decode=True is only supported for self-attention")
+      k, v, mask = self._update_cache(k, v, mask)
+
+    # Logits and softmax in float32 for stability, whatever the compute dtype.
+    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+      # A large finite negative (not -inf) keeps fully masked rows NaN-free.
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    out = nn.with_logical_constraint(out, qkv_axes)
+    out = Projection((width,), (HEADS, KV, "embed"), in_dims=2, use_bias=self.use_bias,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
+    return nn.with_logical_constraint(out, ACT_AXES)
+
+  def _update_cache(self, k, v, mask):
+    initialised = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialised:   # Shape-setting call: plain attention over the given sequence.
+      return k, v, mask
+    if k.shape[1] != 1:
+      raise ValueError(f"decode=True expects one token per call, got length {k.shape[1]}")
+    idx = cache_index.value
+    k = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype),
+                                     (0, idx, 0, 0))
+    v = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype),
+                                     (0, idx, 0, 0))
+    cached_key.value, cached_value.value = k, v
+    cache_index.value = idx + 1
+    # The new query may attend to every filled position, i.e. 0..idx.
+    mask = (jnp.arange(k.shape[1]) <= idx)[None, None, None, :]
+    return k, v, mask
+
+
+class MLP(nn.Module):
+  """Two-layer feed-forward network: fc1 (width -> mlp_dim), activation, fc2 (-> width)."""
+  mlp_dim: int
+  act: str = "gelu"
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    width = x.shape[-1]
+    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.mlp_dim, ("embed", "mlp"), name="fc1", **kw)(x)
+    h = nn.with_logical_constraint(h, (BATCH, LENGTH, "mlp"))
+    h = get_activation(self.act)(h)
+    return dense(width, ("mlp", "embed"), name="fc2", **kw)(h)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN Transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  `deterministic` is a module attribute (not a call argument) so that nn.remat / nn.scan only
+  see array arguments. With `scan_carry=True` the block returns (x, None), the shape nn.scan
+  needs.
+  """
+  num_heads: int
+  mlp_dim: int
+  act: str = "gelu"
+  ln_eps: float = 1e-6
+  use_bias: bool = True
+  ln_bias: bool = True
+  dropout: float = 0.0
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scan_carry: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Optional[Array] = None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.with_logical_constraint(x, ACT_AXES)
+    y = layer_norm("ln_1", self.ln_eps, self.ln_bias, **kw)(x)
+    y = Attention(self.num_heads, use_bias=self.use_bias, name="attn", **kw)(y, mask=mask)
+    x = x + nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+    y = layer_norm("ln_2", self.ln_eps, self.ln_bias, **kw)(x)
+    y = MLP(self.mlp_dim, act=self.act, use_bias=self.use_bias, name="mlp", **kw)(y)
+    x = x + nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+    x = nn.with_logical_constraint(x, ACT_AXES)
+    return (x, None) if self.scan_carry else x
+
+
+class DecoderBlock(nn.Module):
+  """Pre-LN decoder block: causal self-attention, cross-attention to `context`, MLP."""
+  num_heads: int
+  mlp_dim: int
+  act: str = "gelu"
+  ln_eps: float = 1e-6
+  use_bias: bool = True
+  ln_bias: bool = True
+  dropout: float = 0.0
+  deterministic: bool = True
+  decode: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scan_carry: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array, self_mask: Optional[Array] = None,
+               context_mask: Optional[Array] = None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+    x = nn.with_logical_constraint(x, ACT_AXES)
+    y = layer_norm("ln_1", self.ln_eps, self.ln_bias, **kw)(x)
+    y = Attention(self.num_heads, use_bias=self.use_bias, name="self_attn", **kw)(
+        y, mask=self_mask, decode=self.decode)
+    x = x + drop(y)
+    y = layer_norm("ln_2", self.ln_eps, self.ln_bias, **kw)(x)
+    y = Attention(self.num_heads, use_bias=self.use_bias, name="cross_attn", **kw)(
+        y, context=context, mask=context_mask)
+    x = x + drop(y)
+    y = layer_norm("ln_3", self.ln_eps, self.ln_bias, **kw)(x)
+    y = MLP(self.mlp_dim, act=self.act, use_bias=self.use_bias, name="mlp", **kw)(y)
+    x = x + drop(y)
+    x = nn.with_logical_constraint(x, ACT_AXES)
+    return (x, None) if self.scan_carry else x
+
+
+def run_blocks(block_cls, depth: int, x: Array, *args, remat: bool = False, scan: bool = False,
+               **block_kwargs) -> Array:
+  """Applies `depth` blocks of `block_cls` to x; must be called inside a compact method.
+
+  `args` are extra array (or None) arguments shared by every block (masks, cross-attention
+  context). The three layouts compute the same function with the same parameter values:
+    plain: submodules block_0 .. block_{depth-1};
+    remat: the same names and tree, each block wrapped in nn.remat (activations recomputed in the
+      backward pass instead of stored);
+    scan:  one submodule `blocks` whose params have a leading 'layers' axis of size depth.
+  """
+  if depth < 1:
+    raise ValueError(f"depth: must be >= 1, got {depth}")
+  cls = nn.remat(block_cls) if remat else block_cls
+  if not scan:
+    for i in range(depth):
+      x = cls(name=f"block_{i}", **block_kwargs)(x, *args)
+    return x
+  scanned = nn.scan(
+      cls,
+      variable_axes={"params": 0, "cache": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * len(args),
+      length=depth,
+      metadata_params={nn.PARTITION_NAME: "layers"})
+  x, _ = scanned(name="blocks", scan_carry=True, **block_kwargs)(x, *args)
+  return x
+
+
+# --- Converting parameters between the plain and the scanned layout. ---
+
+_BLOCK_RE = re.compile(r"^block_(\d+)$")
+
+
+def stack_block_params(tree):
+  """Plain layout -> scan layout: every dict holding block_0..block_{n-1} gets them stacked
+  along a new leading axis under the key 'blocks'. Works on unboxed arrays (`nn.unbox`)."""
+  if not isinstance(tree, dict) and not hasattr(tree, "items"):
+    return tree
+  tree = dict(tree)
+  blocks = {int(m.group(1)): k for k in tree if (m := _BLOCK_RE.match(k))}
+  out = {k: stack_block_params(v) for k, v in tree.items() if k not in blocks.values()}
+  if blocks:
+    if sorted(blocks) != list(range(len(blocks))):
+      raise ValueError(f"non-contiguous block indices: {sorted(blocks)}")
+    parts = [stack_block_params(tree[blocks[i]]) for i in range(len(blocks))]
+    out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+  return out
+
+
+def unstack_block_params(tree):
+  """Scan layout -> plain layout (inverse of `stack_block_params`)."""
+  if not isinstance(tree, dict) and not hasattr(tree, "items"):
+    return tree
+  out = {}
+  for k, v in dict(tree).items():
+    if k == "blocks":
+      depth = jax.tree.leaves(v)[0].shape[0]
+      for i in range(depth):
+        out[f"block_{i}"] = unstack_block_params(jax.tree.map(lambda a, i=i: a[i], v))
+    else:
+      out[k] = unstack_block_params(v)
+  return out
+
+
+
+class Encoder(nn.Module):
+  """A stack of `EncoderBlock`s followed by a final LayerNorm ('encoder_norm')."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  act: str = "gelu"
+  ln_eps: float = 1e-6
+  use_bias: bool = True
+  ln_bias: bool = True
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Optional[Array] = None, *, train: bool = False) -> Array:
+    x = run_blocks(
+        EncoderBlock, self.depth, x, mask, remat=self.remat, scan=self.scan,
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, ln_eps=self.ln_eps,
+        use_bias=self.use_bias, ln_bias=self.ln_bias, dropout=self.dropout,
+        deterministic=not train, dtype=self.dtype, param_dtype=self.param_dtype)
+    return layer_norm("encoder_norm", self.ln_eps, self.ln_bias, self.dtype, self.param_dtype)(x)
