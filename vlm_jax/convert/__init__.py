@@ -57,7 +57,9 @@ def convert_checkpoint(fmt: str, checkpoint: str, out: str, *, model: str | None
 
   Args:
     fmt: 'openclip' (OpenAI / OpenCLIP key names) or 'hf' (Hugging Face CLIPModel).
-    checkpoint: .safetensors, or .pt / .pth / .bin / .ckpt (read with weights_only=True).
+    checkpoint: .safetensors, or .pt / .pth / .bin / .ckpt: a state dict (read with
+      torch.load(weights_only=True)) or a TorchScript archive such as OpenAI's original release
+      (read by a restricted unpickler that never runs code from the file).
     out: the output directory; must not exist (or be empty). Nothing is written on error.
     model: a name in NAMED_MODELS or a JSON description (OpenCLIP model config or HF
       config.json); for 'hf' it defaults to the config.json beside the checkpoint.

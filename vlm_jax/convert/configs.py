@@ -1,0 +1,254 @@
+"""CLIP architectures: named OpenAI / OpenCLIP models, their description files, and the vlm_jax
+config they become.
+
+`ClipArch` holds everything that decides the parameter shapes and the forward pass. It comes
+from a model name (`ViT-B-32`, ...), an OpenCLIP model-config JSON (`{"embed_dim": ...,
+"quick_gelu": ..., "vision_cfg": {...}, "text_cfg": {...}}`) or a Hugging Face CLIP
+`config.json`; the converter then checks it against the shapes found in the checkpoint.
+
+The named models follow OpenCLIP's model configs: the `-quickgelu` variants (QuickGELU, which
+OpenAI's own weights need) and the plain ones (exact GELU, used by most OpenCLIP/LAION
+weights). All use a class token with `ln_pre`, LayerNorm eps 1e-5, a causal text tower pooled at
+its eos (the largest id), vocabulary 49408, context 77, 64-dim vision heads and MLP ratio 4.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+from vlm_jax.convert.common import ConversionError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipArch:
+  """A ViT CLIP (OpenAI layout: class token, ln_pre, pre-LN blocks, plain projections)."""
+  embed_dim: int
+  image_size: int
+  patch_size: int
+  vision_width: int
+  vision_layers: int
+  vision_heads: int
+  vision_mlp: int
+  text_width: int
+  text_layers: int
+  text_heads: int
+  text_mlp: int
+  vocab_size: int = 49408
+  context_length: int = 77
+  vision_act: str = "gelu"
+  text_act: str = "gelu"
+  vision_ln_eps: float = 1e-5
+  text_ln_eps: float = 1e-5
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  def describe(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _named(embed_dim, image_size, patch, vision_width, vision_layers, text_width, text_heads,
+           text_layers, quick_gelu):
+  act = "quick_gelu" if quick_gelu else "gelu"
+  return ClipArch(
+      embed_dim=embed_dim, image_size=image_size, patch_size=patch, vision_width=vision_width,
+      vision_layers=vision_layers, vision_heads=vision_width // 64, vision_mlp=4 * vision_width,
+      text_width=text_width, text_layers=text_layers, text_heads=text_heads,
+      text_mlp=4 * text_width, vision_act=act, text_act=act)
+
+
+NAMED_MODELS: dict[str, ClipArch] = {}
+for _quick in (False, True):
+  _suffix = "-quickgelu" if _quick else ""
+  NAMED_MODELS.update({
+      f"ViT-B-32{_suffix}": _named(512, 224, 32, 768, 12, 512, 8, 12, _quick),
+      f"ViT-B-16{_suffix}": _named(512, 224, 16, 768, 12, 512, 8, 12, _quick),
+      f"ViT-L-14{_suffix}": _named(768, 224, 14, 1024, 24, 768, 12, 12, _quick),
+      f"ViT-L-14-336{_suffix}": _named(768, 336, 14, 1024, 24, 768, 12, 12, _quick),
+  })
+
+
+def arch_from_openclip_json(d: dict, source: str = "model config") -> ClipArch:
+  """An OpenCLIP model-config dict (the format of open_clip's model_configs/*.json)."""
+  try:
+    v, t = d["vision_cfg"], d["text_cfg"]
+    for cfg, keys in ((v, ("image_size", "layers", "width", "patch_size")),
+                      (t, ("width", "heads", "layers"))):
+      for k in keys:
+        if k not in cfg:
+          raise KeyError(k)
+    unsupported = [f"vision_cfg.{k}" for k in ("timm_model_name", "hf_model_name") if v.get(k)]
+    unsupported += [f"text_cfg.{k}" for k in ("hf_model_name",) if t.get(k)]
+    if isinstance(v["layers"], (list, tuple)):
+      unsupported.append("vision_cfg.layers (a ResNet tower)")
+    if unsupported:
+      raise ConversionError(f"convert: {source}: only ViT CLIP towers are supported; "
+                            f"unsupported: {', '.join(unsupported)}")
+    head_width = int(v.get("head_width", 64))
+    width = int(v["width"])
+    act = "quick_gelu" if d.get("quick_gelu", False) else "gelu"
+    image_size = v["image_size"]
+    if isinstance(image_size, (list, tuple)):
+      if len(set(image_size)) != 1:
+        raise ConversionError(f"convert: {source}: non-square image_size {image_size} is not "
+                              "supported")
+      image_size = image_size[0]
+    return ClipArch(
+        embed_dim=int(d["embed_dim"]), image_size=int(image_size), patch_size=int(v["patch_size"]),
+        vision_width=width, vision_layers=int(v["layers"]), vision_heads=width // head_width,
+        vision_mlp=int(round(width * float(v.get("mlp_ratio", 4.0)))),
+        text_width=int(t["width"]), text_layers=int(t["layers"]), text_heads=int(t["heads"]),
+        text_mlp=int(round(int(t["width"]) * float(t.get("mlp_ratio", 4.0)))),
+        vocab_size=int(t.get("vocab_size", 49408)),
+        context_length=int(t.get("context_length", 77)), vision_act=act, text_act=act)
+  except KeyError as e:
+    raise ConversionError(f"convert: {source}: not an OpenCLIP model config (missing {e})") from e
+
+
+_HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+            "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def arch_from_hf_config(d: dict, source: str = "config.json") -> ClipArch:
+  """A Hugging Face CLIPConfig dict (config.json of a CLIPModel)."""
+  try:
+    v, t = d["vision_config"], d["text_config"]
+    acts = {}
+    for tower, cfg in (("vision", v), ("text", t)):
+      act = cfg.get("hidden_act", "quick_gelu")
+      if act not in _HF_ACTS:
+        raise ConversionError(f"convert: {source}: {tower}_config.hidden_act={act!r} is not "
+                              f"supported; expected one of {', '.join(_HF_ACTS)}")
+      acts[tower] = _HF_ACTS[act]
+    vocab = int(t.get("vocab_size", 49408))
+    eos = t.get("eos_token_id", 2)
+    if eos not in (2, vocab - 1):
+      # HF pools at the first eos_token_id (or at the argmax id when it is the legacy 2);
+      # vlm_jax pools at the argmax id, the same position only when eos is the largest id.
+      raise ConversionError(
+          f"convert: {source}: text_config.eos_token_id={eos} is not the largest id "
+          f"({vocab - 1}); vlm_jax pools the text tower at the largest id (OpenAI CLIP's eos)")
+    return ClipArch(
+        embed_dim=int(d.get("projection_dim", 512)), image_size=int(v.get("image_size", 224)),
+        patch_size=int(v.get("patch_size", 32)), vision_width=int(v.get("hidden_size", 768)),
+        vision_layers=int(v.get("num_hidden_layers", 12)),
+        vision_heads=int(v.get("num_attention_heads", 12)),
+        vision_mlp=int(v.get("intermediate_size", 3072)),
+        text_width=int(t.get("hidden_size", 512)), text_layers=int(t.get("num_hidden_layers", 12)),
+        text_heads=int(t.get("num_attention_heads", 8)),
+        text_mlp=int(t.get("intermediate_size", 2048)), vocab_size=vocab,
+        context_length=int(t.get("max_position_embeddings", 77)), vision_act=acts["vision"],
+        text_act=acts["text"], vision_ln_eps=float(v.get("layer_norm_eps", 1e-5)),
+        text_ln_eps=float(t.get("layer_norm_eps", 1e-5)))
+  except KeyError as e:
+    raise ConversionError(f"convert: {source}: not a Hugging Face CLIP config (missing {e})") from e
+
+
+def resolve_arch(model: str | None, fmt: str, checkpoint: str) -> tuple[ClipArch, str]:
+  """--model: a name from NAMED_MODELS or a JSON file (OpenCLIP model config or HF config.json).
+
+  For --format hf without --model, the config.json next to the checkpoint is used (the layout of
+  a Hugging Face model directory). Returns (arch, a description of where it came from).
+  """
+  if not model:
+    if fmt != "hf":
+      raise ConversionError(f"convert: --model is required for --format {fmt}: one of "
+                            f"{', '.join(NAMED_MODELS)}, or an OpenCLIP model-config .json")
+    model = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+    if not os.path.exists(model):
+      raise ConversionError(f"convert: --format hf needs the model's config.json: none at "
+                            f"{model}; pass --model PATH/config.json or a model name")
+  if model in NAMED_MODELS:
+    return NAMED_MODELS[model], model
+  if model.endswith(".json") or os.path.isfile(model):
+    if not os.path.isfile(model):
+      raise ConversionError(f"convert: --model {model}: no such file")
+    try:
+      with open(model) as f:
+        d = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ConversionError(f"convert: --model {model}: not a readable JSON file: {e}") from e
+    if not isinstance(d, dict):
+      raise ConversionError(f"convert: --model {model}: expected a JSON object")
+    if "vision_config" in d and "text_config" in d:
+      return arch_from_hf_config(d, model), model
+    if "vision_cfg" in d and "text_cfg" in d:
+      return arch_from_openclip_json(d, model), model
+    raise ConversionError(f"convert: --model {model}: neither an OpenCLIP model config "
+                          "(vision_cfg/text_cfg) nor a Hugging Face CLIP config "
+                          "(vision_config/text_config)")
+  raise ConversionError(f"convert: --model {model!r}: unknown model; expected one of "
+                        f"{', '.join(NAMED_MODELS)}, or a .json model description")
+
+
+def compare(arch: ClipArch, found: dict, source: str, model: str) -> None:
+  """Raises a ConversionError listing every field where the checkpoint's shapes disagree."""
+  diffs = [f"{k}: {v} in the checkpoint, {getattr(arch, k)} in {model}"
+           for k, v in found.items() if v != getattr(arch, k)]
+  if diffs:
+    raise ConversionError(f"convert: {source} is a different architecture than {model}:\n  " +
+                          "\n  ".join(diffs))
+
+
+def grid_from_positions(n_positions: int, source: str) -> int:
+  """Side of the patch grid from the number of vision positions (patches + class token)."""
+  grid = math.isqrt(max(n_positions - 1, 0))
+  if grid * grid + 1 != n_positions:
+    raise ConversionError(f"convert: {source}: {n_positions} vision positions is not a square "
+                          "grid plus a class token")
+  return grid
+
+
+def to_config(arch: ClipArch, *, tokenizer_path: str | None = None):
+  """The vlm_jax experiment config of a converted model (unlocked ConfigDict).
+
+  The model fields reproduce the original forward pass exactly; data / evals defaults use the
+  OpenAI preprocessing (bicubic resize of the short side, centre crop, OpenAI mean/std).
+  """
+  from configs import common  # pylint: disable=g-import-not-at-top
+
+  config = common.ml_collections.ConfigDict()
+  config.model = common.model_config("clip", embed_dim=arch.embed_dim)
+  m = config.model
+  m.image = common.vit_config(f"B/{arch.patch_size}", image_size=arch.image_size, pool="cls")
+  m.image.update(width=arch.vision_width, depth=arch.vision_layers, num_heads=arch.vision_heads,
+                 mlp_dim=arch.vision_mlp, class_token=True, ln_pre=True, act=arch.vision_act,
+                 ln_eps=arch.vision_ln_eps, use_bias=True, posemb="learn")
+  if "patch_bias" in m.image:
+    m.image.patch_bias = False
+  m.text = common.text_config(vocab_size=arch.vocab_size, context_length=arch.context_length,
+                              width=arch.text_width, depth=arch.text_layers,
+                              num_heads=arch.text_heads, mlp_dim=arch.text_mlp)
+  m.text.update(causal=True, pool="eos", act=arch.text_act, ln_eps=arch.text_ln_eps,
+                use_bias=True)
+  # OpenAI CLIP never masks padding (causal attention, pooled at the eos) and its pad id 0 is
+  # also a real token (the '!' byte symbol); -1 matches no token, so nothing is masked, exactly
+  # as in the original. The tokenizer still pads with 0.
+  m.text.pad_id = -1
+  m.proj_bias = False
+  m.logit_scale_init = math.log(1 / 0.07)
+  m.max_logit_scale = 100.0
+  m.dtype = "auto"
+  config.loss = common.loss_config("clip")
+  config.data = common.data_config(image_size=arch.image_size)
+  config.data.mean = OPENAI_MEAN
+  config.data.std = OPENAI_STD
+  if "eval_crop" in config.data:   # the pipeline's OpenAI resize-then-crop option, when present
+    config.data.eval_crop = "openai"
+  config.tokenizer = common.tokenizer_config(vocab_size=arch.vocab_size,
+                                             context_length=arch.context_length)
+  config.tokenizer.kind = "bpe"
+  if tokenizer_path:
+    config.tokenizer.model_path = tokenizer_path
+  config.mesh = common.mesh_config()
+  config.sharding_rules = common.sharding_rules()
+  config.update(common.train_config())
+  if hasattr(common, "evals_config"):
+    config.evals = common.evals_config(run="zeroshot")
+  return config
