@@ -354,3 +354,31 @@ def test_tfrecord_tfds_dataset_resumes_and_evaluates(tmp_path, tok):
                                                  batch_size=4)
             for l in b["label"][b["mask"]]]
   assert sorted(labels) == list(range(10))
+
+
+def test_openai_eval_crop_matches_openai_preprocessing(tmp_path, tok):
+  """`data.eval_crop='openai'` gives exactly the OpenAI transform (short-side bicubic resize,
+  centre crop) with the configured mean/std, for a non-square image."""
+  from PIL import Image
+  from vlm_jax.data import openai_preprocess
+  folder = tmp_path / "o"
+  (folder / "images").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, size=(23, 41, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(folder / "images" / "a.png")
+  (folder / "captions.jsonl").write_text(json.dumps({"image": "images/a.png", "caption": "x"}))
+  config = make_config(source="jsonl", eval_jsonl=str(folder / "captions.jsonl"),
+                       eval_crop="openai", mean=openai_preprocess.OPENAI_MEAN,
+                       std=openai_preprocess.OPENAI_STD)
+  batch = next(pipeline.make_eval_iterator(config, tok, process_index=0, process_count=1,
+                                           batch_size=1))
+  expected = openai_preprocess.preprocess(pixels, SIZE)
+  np.testing.assert_allclose(batch["image"][0], expected, atol=1e-5)
+  config.data.eval_crop = "center"
+  other = next(pipeline.make_eval_iterator(config, tok, process_index=0, process_count=1,
+                                           batch_size=1))
+  assert np.abs(other["image"][0] - expected).max() > 1e-3  # the two transforms really differ
+  config.data.eval_crop = "squash"
+  with pytest.raises(ValueError, match="data.eval_crop: unknown crop 'squash'"):
+    next(pipeline.make_eval_iterator(config, tok, process_index=0, process_count=1,
+                                     batch_size=1))

@@ -38,6 +38,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from vlm_jax.data import openai_preprocess
 from vlm_jax.data import sources as sources_lib
 
 _STATE_VERSION = 1
@@ -138,10 +139,17 @@ class Preprocess:
     self.size = int(data_config.image_size)
     self.mean = np.asarray(data_config.mean, np.float32).reshape(1, 1, 3)
     self.inv_std = 1.0 / np.asarray(data_config.std, np.float32).reshape(1, 1, 3)
-    self.crop = data_config.train_crop if train else "center"
-    if self.crop not in ("random_resized", "resize", "center"):
-      raise ValueError(f"data.train_crop: unknown crop {self.crop!r}; expected random_resized "
-                       "or resize")
+    if train:
+      self.crop = data_config.train_crop
+      if self.crop not in ("random_resized", "resize"):
+        raise ValueError(f"data.train_crop: unknown crop {self.crop!r}; expected random_resized "
+                         "or resize")
+    else:
+      # 'center': central square, then resize. 'openai': bicubic resize of the short side, then
+      # centre crop, as OpenAI's CLIP transform (for imported weights; pixel-exact with theirs).
+      self.crop = data_config.eval_crop
+      if self.crop not in ("center", "openai"):
+        raise ValueError(f"data.eval_crop: unknown crop {self.crop!r}; expected center or openai")
     self.min_scale, self.max_scale = float(data_config.min_scale), float(data_config.max_scale)
     if not 0 < self.min_scale <= self.max_scale <= 1:
       raise ValueError(f"data.min_scale/max_scale: need 0 < {self.min_scale} <= "
@@ -163,6 +171,12 @@ class Preprocess:
     self.__dict__.update(state)
 
   def _image(self, data, rng):
+    if self.crop == "openai":
+      # Decoded in full (no JPEG draft downscaling), as OpenAI's transform sees it.
+      img = openai_preprocess.resize_and_center_crop(_open_image(data, float("inf"), 1.0),
+                                                     self.size)
+      x = np.asarray(img, np.float32) * np.float32(1 / 255)
+      return (x - self.mean) * self.inv_std
     if self.crop == "random_resized":
       # The smallest crop side is about sqrt(min_scale * 3/4) of the image's.
       img = _open_image(data, self.size, math.sqrt(self.min_scale * 0.75))
