@@ -97,7 +97,8 @@ def loss_config(kind="coca"):
   c.label_smoothing = 0.0
   # 'plain': the loss on the global batch as written (XLA partitions it);
   # 'chunked': memory-lean shard_map versions (sigmoid: ring of B_local x B_local blocks;
-  # softmax: each device computes only its rows) -- same values and gradients.
+  # softmax: each device computes only its rows, B_local x B_global);
+  # 'ring': softmax also as a ring (B_local x B_local) -- all give the same values and gradients.
   c.contrastive_impl = "plain"
   return c
 
@@ -193,6 +194,7 @@ def data_config(source="tfds", name="shapes/tiny", image_size=32):
   c.mean = (0.5, 0.5, 0.5)       # OpenAI CLIP: (0.48145466, 0.4578275, 0.40821073)
   c.std = (0.5, 0.5, 0.5)        # OpenAI CLIP: (0.26862954, 0.26130258, 0.27577711)
   c.train_crop = "random_resized"  # 'random_resized' | 'resize' (eval: resize + centre crop)
+  c.eval_crop = "center"         # 'center' (central square, resize) | 'openai' (bicubic short side, crop)
   c.min_scale = 0.9              # random-resized-crop area range [min_scale, max_scale]
   c.max_scale = 1.0
   # Captions: train draws one per example (seeded); eval uses the first, and with
