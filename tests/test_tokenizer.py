@@ -179,3 +179,12 @@ def test_get_or_train_from_two_processes_at_once(tmp_path):
   assert outs[0][0] == outs[1][0] and len(outs[0][0].strip()) == 64
   assert (tmp_path / "trainings").read_text() == "x"
   assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] == []
+
+
+def test_training_works_when_stderr_has_no_file_descriptor(monkeypatch):
+  """Notebook kernels may replace sys.stderr by a stream without fileno()."""
+  import io
+  monkeypatch.setattr(sys, "stderr", io.StringIO())
+  tok = tokenizer_lib.train_sentencepiece(["a red circle", "two blue squares"] * 20, None,
+                                      vocab_size=40)
+  assert tok.decode(tok.encode(["a red circle"], 8)) == ["a red circle"]

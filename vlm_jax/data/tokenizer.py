@@ -12,6 +12,7 @@ import fcntl
 import io
 import json
 import os
+import sys
 import tempfile
 
 from etils import epath
@@ -161,6 +162,14 @@ class Tokenizer:
     return texts
 
 
+def _has_fileno(stream):
+  try:
+    stream.fileno()
+    return True
+  except (AttributeError, ValueError, io.UnsupportedOperation):
+    return False
+
+
 def train_sentencepiece(texts, model_path, vocab_size, *, model_type="bpe",
                         lowercase=False, character_coverage=1.0, max_sentences=0, seed=0):
   """Trains a SentencePiece model on `texts` and returns its Tokenizer (also written to
@@ -189,10 +198,13 @@ def train_sentencepiece(texts, model_path, vocab_size, *, model_type="bpe",
   spm.set_random_generator_seed(seed)
   model = io.BytesIO()
   with open(os.devnull, "w") as devnull:
+    # sentencepiece redirects its log through sys.stderr's file descriptor; some notebook kernels
+    # give sys.stderr no descriptor, and there the log simply stays on.
+    quiet = {"logstream": devnull} if _has_fileno(sys.stderr) else {}
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=model,
-        logstream=devnull,
+        **quiet,
         vocab_size=vocab_size,
         hard_vocab_limit=False,   # a small corpus gives a smaller vocabulary instead of failing
         model_type=model_type,
