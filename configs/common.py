@@ -253,7 +253,7 @@ def eval_entry(kind, *, dataset=None, split=None, tag=None, templates="auto", la
     c.max_len = placeholder(int)   # generated tokens incl. eos; None: context_length - 1
     c.beam_size = 1                # 1 = greedy
     c.length_penalty = 0.0         # GNMT alpha for beam search
-    c.metrics = "bleu,cider,rouge,meteor"   # meteor only runs when Java is installed
+    c.metrics = "bleu,cider,rouge"   # add ",meteor" for METEOR (needs Java, ~10-30 s per eval)
     c.tokenizer = "auto"           # caption tokenisation for scoring: 'auto' | 'java' | 'python'
     c.loglik = True                # also the references' per-token NLL / perplexity
     c.log_examples = 3

@@ -1,0 +1,216 @@
+"""Trainer tests on CPU (8 simulated devices): config, optimizer, train step, meshes, accumulation,
+non-finite guard, few-step training on the tiny shapes data."""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from data_fixtures import shapes_data_dir  # pylint: disable=unused-import
+from train_utils import REPO, run_steps, tiny_config
+from vlm_jax import config_utils
+from vlm_jax import optim
+from vlm_jax import train
+from vlm_jax.data import pipeline
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(shapes_data_dir, tmp_path_factory):
+  cfg = tiny_config("coca", shapes_data_dir)
+  wd = tmp_path_factory.mktemp("tok")
+  train.load_tokenizer(cfg, str(wd))
+  return str(wd / "tokenizer.model")
+
+
+def real_batches(config, n, tokenizer_path):
+  from vlm_jax.data import tokenizer as tok_lib
+  tok = tok_lib.Tokenizer.load(tokenizer_path)
+  it = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
+  out = [next(it) for _ in range(n)]
+  it.close()
+  return [{"image": b["image"], "text": b["text"]} for b in out]
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+
+def test_config_typo_names_the_key():
+  with pytest.raises(AttributeError, match="lrr"):
+    config_utils.load_config(os.path.join(REPO, "configs/shapes_coca.py"), ["optim.lrr=1"])
+  with pytest.raises(Exception, match="total_step"):
+    config_utils.load_config(os.path.join(REPO, "configs/shapes_coca.py"), ["total_step=1"])
+
+
+@pytest.mark.parametrize("name", ["shapes_coca", "shapes_clip", "shapes_siglip", "clip_vit_b16",
+                                  "siglip_vit_b16", "coca_vit_b32"])
+def test_configs_load_and_build(name):
+  cfg = config_utils.load_config(os.path.join(REPO, f"configs/{name}.py"),
+                                 {"total_steps": 7, "optim.lr": 0.5})
+  assert cfg.total_steps == 7 and cfg.optim.lr == 0.5
+  assert cfg.model.text.vocab_size >= cfg.tokenizer.vocab_size
+  assert train.metrics_lib.train_flops_per_example(cfg) > 0
+  with pytest.raises(AttributeError):
+    cfg.new_field = 1          # locked
+
+
+# ---- optimizer ----------------------------------------------------------------------------------
+
+
+def _params():
+  return {"image": {"ln": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+                    "dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}},
+          "text": {"token_embedding": {"embedding": jnp.ones((8, 4))}},
+          "logit_scale": jnp.zeros(())}
+
+
+def test_weight_decay_mask():
+  mask = optim.decay_mask(_params())
+  assert mask["image"]["dense"]["kernel"] and mask["text"]["token_embedding"]["embedding"]
+  assert not mask["image"]["ln"]["scale"] and not mask["image"]["dense"]["bias"]
+  assert not mask["logit_scale"]
+  mask = optim.decay_mask(_params(), no_decay="embedding")
+  assert not mask["text"]["token_embedding"]["embedding"] and mask["image"]["dense"]["kernel"]
+
+
+def test_freeze_and_decay_in_update():
+  cfg = config_utils.load_config(os.path.join(REPO, "configs/shapes_clip.py:tiny"), {
+      "freeze": "^image/", "optim.weight_decay": 0.5, "optim.lr": 0.1,
+      "schedule.kind": "constant", "schedule.warmup_steps": 0, "optim.grad_clip_norm": 0.0})
+  params = _params()
+  tx, _ = optim.make_optimizer(cfg, params)
+  state = tx.init(params)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, state, params)
+  # Frozen: no update at all (not even decay); trainable matrices decay; scalars do not.
+  assert not np.any(updates["image"]["dense"]["kernel"])
+  np.testing.assert_allclose(updates["text"]["token_embedding"]["embedding"], -0.1 * 0.5)
+  assert float(updates["logit_scale"]) == 0.0
+  with pytest.raises(ValueError, match="matches no parameter"):
+    cfg2 = config_utils.load_config(os.path.join(REPO, "configs/shapes_clip.py:tiny"),
+                                    {"freeze": "^nothing/"})
+    optim.make_optimizer(cfg2, params)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "rsqrt", "constant"])
+def test_schedules(kind):
+  cfg = config_utils.load_config(os.path.join(REPO, "configs/shapes_clip.py:tiny"), {
+      "schedule.kind": kind, "schedule.warmup_steps": 10, "total_steps": 100, "optim.lr": 1.0})
+  s = optim.make_schedule(cfg)
+  assert float(s(0)) == 0.0
+  np.testing.assert_allclose(float(s(5)), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(float(s(10)), 1.0, rtol=1e-6)
+  if kind == "cosine":
+    assert float(s(100)) < 1e-6 and 0.4 < float(s(55)) < 0.6
+  elif kind == "rsqrt":
+    np.testing.assert_allclose(float(s(40)), math.sqrt(10 / 40), rtol=1e-6)
+  else:
+    assert float(s(99)) == 1.0
+  with pytest.raises(ValueError, match="schedule.kind"):
+    cfg.schedule.kind = "linear"
+    optim.make_schedule(cfg)
+
+
+# ---- training steps -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "coca"])
+def test_loss_falls_each_model_kind(kind, shapes_data_dir, tokenizer_path):
+  cfg = tiny_config(kind, shapes_data_dir, tokenizer_path, optim__lr=3e-3,
+                    schedule__warmup_steps=0, schedule__kind="constant")
+  batches = real_batches(cfg, 2, tokenizer_path)
+  # The same two batches again and again: the loss must fall quickly.
+  _, hist, _ = run_steps(cfg, batches * 4, devices=jax.devices()[:1])
+  first, last = hist[0]["loss"], hist[-1]["loss"]
+  assert all(np.isfinite(h["loss"]) for h in hist)
+  assert last < 0.9 * first, (first, last)
+  if kind == "coca":
+    assert hist[-1]["caption_loss"] > 0 and hist[-1]["contrastive_loss"] > 0
+  else:
+    assert hist[-1]["caption_loss"] == 0.0
+  if kind == "siglip":
+    assert hist[0]["logit_bias"] == pytest.approx(-10.0, abs=0.1)
+
+
+MESHES = {"data8": (8, 1, 1), "data2_fsdp4": (2, 4, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
+
+
+@pytest.mark.parametrize("kind,meshes", [
+    ("clip", ["data2_fsdp2_tensor2"]),                       # every axis at once: quick
+    pytest.param("clip", list(MESHES), marks=pytest.mark.slow),
+    pytest.param("coca", list(MESHES), marks=pytest.mark.slow),
+])
+def test_meshes_give_same_losses(kind, meshes, shapes_data_dir, tokenizer_path):
+  cfg = tiny_config(kind, shapes_data_dir, tokenizer_path, optim__lr=3e-3,
+                    schedule__warmup_steps=0)
+  batches = real_batches(cfg, 2, tokenizer_path)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
+  _, ref, _ = run_steps(cfg, batches, devices=jax.devices()[:1])
+  for name in meshes:
+    d, f, t = MESHES[name]
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = d, f, t
+    state, hist, setup = run_steps(cfg, batches)
+    for r, h in zip(ref, hist):
+      for key in ("loss", "contrastive_loss", "caption_loss", "grad_norm"):
+        np.testing.assert_allclose(h[key], r[key], rtol=2e-4, err_msg=f"{name} {key}")
+    if f > 1:   # FSDP really shards: a kernel's 'embed' dim is split over the fsdp axis
+      kernel = state.params["text_projection"]["kernel"]
+      assert "fsdp" in str(kernel.sharding.spec)
+      assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // f
+      mu = jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, jax.Array))
+      assert any("fsdp" in str(x.sharding.spec) for x in mu)
+    if t > 1:
+      fc1 = state.params["text"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
+      assert fc1.addressable_shards[0].data.shape[1] == fc1.shape[1] // t
+      assert "tensor" in str(fc1.sharding.spec)
+
+
+@pytest.mark.parametrize("kind", ["siglip", pytest.param("coca", marks=pytest.mark.slow)])
+def test_grad_accumulation_equals_big_batch(kind, shapes_data_dir, tokenizer_path):
+  cfg = tiny_config(kind, shapes_data_dir, tokenizer_path, batch_size=32, optim__lr=1e-2,
+                    schedule__warmup_steps=0, schedule__kind="constant")
+  batches = real_batches(cfg, 2, tokenizer_path)
+  state1, big, _ = run_steps(cfg, batches, devices=jax.devices()[:4])
+  cfg.grad_accum_steps = 4
+  state4, acc, _ = run_steps(cfg, batches, devices=jax.devices()[:4])
+  for b, a in zip(big, acc):
+    for key in ("loss", "contrastive_loss", "caption_loss", "grad_norm", "logit_scale"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5),
+               state4.params, state1.params)
+
+
+def test_nonfinite_step_is_skipped_and_counted(shapes_data_dir, tokenizer_path):
+  cfg = tiny_config("clip", shapes_data_dir, tokenizer_path, schedule__warmup_steps=0)
+  batch = real_batches(cfg, 1, tokenizer_path)[0]
+  setup = train.make_setup(cfg, jax.devices()[:2])
+  state = setup.init_state()
+  before = jax.device_get(state.params)
+  step = setup.make_step()
+  from vlm_jax import sharding
+  bad = dict(batch, image=np.full_like(batch["image"], np.nan))
+  with setup.context():
+    state, m = step(state, sharding.make_global_batch(bad, setup.mesh))
+    assert not np.isfinite(float(m["loss"]))
+    assert int(state.nonfinite_total) == 1 and int(state.nonfinite_streak) == 1
+    assert int(state.step) == 1
+    from train_utils import tree_equal
+    assert tree_equal(jax.device_get(state.params), before)
+    state, m = step(state, sharding.make_global_batch(batch, setup.mesh))
+  assert np.isfinite(float(m["loss"]))
+  assert int(state.nonfinite_total) == 1 and int(state.nonfinite_streak) == 0
+  assert not tree_equal(jax.device_get(state.params), before)
+
+
+def test_too_many_nonfinite_steps_stop_the_run(shapes_data_dir, tokenizer_path, tmp_path):
+  # exp(1000) = inf: every step is non-finite from the start.
+  cfg = tiny_config("clip", shapes_data_dir, tokenizer_path, model__logit_scale_init=1000.0,
+                    model__max_logit_scale=float("inf"), total_steps=20, log_every_steps=2,
+                    checkpoint_every_steps=2, max_consecutive_nonfinite=3,
+                    batch_size=8)
+  with pytest.raises(train.NonFiniteError, match="consecutive steps with non-finite"):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  # Step 2 (streak 2 < 3) was still a good checkpoint (params untouched); step 4 was not saved.
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]

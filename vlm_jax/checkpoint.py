@@ -1,0 +1,208 @@
+"""Orbax checkpointing: async saves, keep-last-k, restore into any mesh, preemption.
+
+Layout of a workdir:
+  DIR/checkpoints/<step>/state   the TrainState (params, opt state, step, RNG, counters)
+  DIR/checkpoints/<step>/data    JSON: each process's data-iterator state (exact resume)
+  DIR/checkpoints/<step>/meta    JSON: the config (as JSON) and the tokenizer path used
+  DIR/config.json, DIR/tokenizer.model   for evaluation / inference without the config file
+
+Orbax writes every checkpoint into a temporary directory and renames it when complete, so a
+process killed during a save leaves the previous checkpoint as the latest one; leftovers are
+removed at the next start (`cleanup_tmp_directories`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+def abstract_with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
+  """ShapeDtypeStructs carrying the TARGET shardings: what restore should produce."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` with the three items above."""
+
+  def __init__(self, directory: str, *, save_every_steps: int = 0, keep: int | None = 3,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        # Saves are requested explicitly by the loop (periodic, final, preemption): `force`.
+        save_interval_steps=max(int(save_every_steps), 1),
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
+    )
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+  # ---- queries -------------------------------------------------------------------------------
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host preemption sync point (all processes agree on the step); False if unsupported."""
+    return self.manager.reached_preemption(step)
+
+  # ---- save / restore ------------------------------------------------------------------------
+  def save(self, step: int, state: PyTree, data_state: Any, meta: dict) -> bool:
+    """Starts an (async) save of `state` at `step`.
+
+    `data_state` is this process's iterator state; the states of all processes are gathered so
+    the (primary-written) JSON holds every process's position.
+    """
+    data_states = gather_json(data_state)
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state),
+        data=ocp.args.JsonSave({"per_process": data_states}),
+        meta=ocp.args.JsonSave(meta))
+    return self.manager.save(step, args=args, force=True)
+
+  def restore(self, step: int | None, abstract_state: PyTree) -> tuple[PyTree, Any, dict]:
+    """Restores (state, this process's data state, meta) at `step` (latest if None).
+
+    `abstract_state` holds ShapeDtypeStructs with the target shardings, so a checkpoint written
+    on one mesh is re-laid-out onto the current one.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=abstract_state,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    per_process = restored.data["per_process"]
+    pid, count = jax.process_index(), jax.process_count()
+    if len(per_process) != count:
+      raise ValueError(
+          f"checkpoint {self.directory}/{step} was written by {len(per_process)} process(es); "
+          f"resuming with {count} process(es) cannot restore the data-iterator positions exactly")
+    return restored.state, per_process[pid], dict(restored.meta)
+
+  def restore_params(self, step: int | None, abstract_params: PyTree, *, skip: str = ""
+                     ) -> tuple[dict, list[str]]:
+    """Loads the params present in both this checkpoint and `abstract_params` (for init_from).
+
+    Returns (restored params by path, messages). Shape mismatches raise a ValueError naming every
+    mismatched param, unless the path matches `skip`.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"init_from: no checkpoint in {self.directory}")
+    meta = self.manager.item_metadata(step)["state"]
+    saved = _flatten(_get(meta, "params"))
+    wanted = _flatten(abstract_params)
+    rx = re.compile(skip) if skip else None
+    messages, mismatched, target = [], [], {}
+    for path, want in wanted.items():
+      if rx is not None and rx.search(path):
+        messages.append(f"init_from: skipped by init_from_skip: {path}")
+      elif path not in saved:
+        messages.append(f"init_from: missing in checkpoint (kept fresh init): {path}")
+      elif tuple(saved[path].shape) != tuple(want.shape):
+        mismatched.append(f"{path}: checkpoint {tuple(saved[path].shape)} vs model "
+                          f"{tuple(want.shape)}")
+      else:
+        target[path] = want
+    for path in saved:
+      if path not in wanted:
+        messages.append(f"init_from: unused checkpoint param: {path}")
+    if mismatched:
+      raise ValueError("init_from: shape mismatch for " + "; ".join(mismatched) +
+                       " (set init_from_skip to a regex for params to leave freshly initialised)")
+    # Partial restore of only the params we take; everything else in the checkpoint is ignored.
+    item = {"params": _unflatten(target)}
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
+    return _flatten(restored.state["params"]), messages
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def gather_json(obj: Any) -> list:
+  """All processes' JSON-serialisable `obj`, in process order (a collective: call everywhere)."""
+  if jax.process_count() == 1:
+    return [obj]
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
+  buf = np.zeros((int(lengths.max()),), np.uint8)
+  buf[:data.size] = data
+  gathered = multihost_utils.process_allgather(buf)
+  return [json.loads(bytes(gathered[i, :int(lengths[i, 0])]).decode())
+          for i in range(gathered.shape[0])]
+
+
+def _get(tree, key):
+  return tree[key] if isinstance(tree, dict) or hasattr(tree, "__getitem__") else getattr(tree, key)
+
+
+def _flatten(tree) -> dict:
+  out = {}
+  def visit(prefix, node):
+    if isinstance(node, dict) or (hasattr(node, "items") and not hasattr(node, "shape")):
+      for k, v in node.items():
+        visit(f"{prefix}/{k}" if prefix else str(k), v)
+    else:
+      out[prefix] = node
+  visit("", tree)
+  return out
+
+
+def _unflatten(flat: dict) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+def write_workdir_files(workdir: str, config_json: str, tokenizer_model: bytes | None):
+  """DIR/config.json and DIR/tokenizer.model, written atomically (primary process only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  files = {"config.json": config_json.encode()}
+  if tokenizer_model:
+    files["tokenizer.model"] = tokenizer_model
+  for name, data in files.items():
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      with open(path, "rb") as f:
+        if f.read() == data:
+          continue
+    with open(path + ".tmp", "wb") as f:
+      f.write(data)
+    os.replace(path + ".tmp", path)
+  logging.info("wrote %s/config.json and tokenizer.model", workdir)

@@ -1,0 +1,139 @@
+"""Training metrics: JSON lines, TensorBoard events, a console progress bar, FLOPs and MFU.
+
+Only the primary process writes. Values are pulled to the host only at log steps, so logging adds
+no per-step device synchronisation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+
+# Peak dense bf16 FLOP/s per device (chip), from vendors' data sheets.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,    # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,    # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "A100": 312e12,
+    "H100": 989e12,           # SXM
+    "H200": 989e12,
+}
+
+
+def device_peak_flops(device=None) -> float | None:
+  """Peak bf16 FLOP/s of `device` (default: the first local device), None if unknown (CPU)."""
+  kind = (device or jax.local_devices()[0]).device_kind
+  # Longest key first, so 'TPU v5 lite' wins over 'TPU v5'.
+  for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if key.lower() in kind.lower():
+      return PEAK_FLOPS[key]
+  return None
+
+
+def _encoder_flops(tokens: int, width: int, depth: int, mlp: int, causal: bool,
+                   kv_tokens: int | None = None) -> float:
+  """Forward matmul FLOPs of `depth` pre-LN blocks on one example (2 FLOPs per MAC)."""
+  proj = 2 * tokens * (4 * width * width + 2 * width * mlp)
+  attn = 2 * 2 * tokens * tokens * width            # QK^T and AV
+  if causal:
+    attn /= 2
+  return depth * (proj + attn)
+
+
+def train_flops_per_example(config: ml_collections.ConfigDict) -> float:
+  """Training FLOPs per example: 3 x forward matmul FLOPs (backward = 2 x forward), causal
+  attention counted at half. Embedding lookups and elementwise ops are not counted."""
+  from vlm_jax.models.vit import parse_variant   # the variant table lives with the model
+  m = config.model
+  sizes = parse_variant(m.image.variant)
+  patch = sizes["patch_size"]
+  image_width = m.image.width or sizes["width"]
+  image_depth = m.image.depth or sizes["depth"]
+  image_mlp = m.image.mlp_dim or sizes["mlp_dim"]
+  t, d = m.text, m.decoder
+  n_img = (m.image.image_size // patch) ** 2 + (1 if m.image.class_token else 0)
+  f = 2 * n_img * patch * patch * 3 * image_width                          # patch embedding
+  f += _encoder_flops(n_img, image_width, image_depth, image_mlp, causal=False)
+  if m.image.pool == "map":                                                  # 1 query, MLP on it
+    f += 2 * (n_img * 2 * image_width * image_width + 2 * image_width * image_width
+              + 2 * image_width * image_mlp + 2 * n_img * image_width)
+  L = t.context_length
+  f += _encoder_flops(L, t.width, t.depth, t.mlp_dim, causal=t.causal)
+  f += 2 * (image_width + t.width) * m.embed_dim                             # projections
+  f += 2 * 2 * config.batch_size * m.embed_dim                               # logits row+col
+  if m.kind == "coca":
+    w = d.width
+    self_blk = _encoder_flops(L, w, d.depth, d.mlp_dim, causal=True)
+    cross = d.depth * 2 * (2 * L * w * w + 2 * n_img * image_width * w + 2 * L * n_img * w)
+    f += self_blk + cross + 2 * L * w * t.vocab_size
+  return 3.0 * f
+
+
+class MetricWriter:
+  """metrics.jsonl + TensorBoard + tqdm progress bar (primary process only)."""
+
+  def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0,
+               progress_bar: bool = True, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self._jsonl = self._tb = self._bar = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if tensorboard:
+      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+    if progress_bar:
+      import tqdm
+      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
+                            file=sys.stderr, desc="train", unit="step")
+
+  def write(self, step: int, metrics: Mapping[str, Any]):
+    if not self.enabled:
+      return
+    clean = {"step": int(step)}
+    for k, v in metrics.items():
+      v = float(v) if not isinstance(v, str) else v
+      clean[k] = v if not (isinstance(v, float) and math.isnan(v)) else None
+    self._jsonl.write(json.dumps(clean) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      from tensorboard.compat.proto import event_pb2, summary_pb2
+      values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in clean.items()
+                if k != "step" and isinstance(v, float)]
+      self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                         summary=summary_pb2.Summary(value=values)))
+      self._tb.flush()
+    if self._bar is not None:
+      short = {k: f"{clean[k]:.4g}" for k in ("loss", "lr") if isinstance(clean.get(k), float)}
+      self._bar.set_postfix(short, refresh=False)
+
+  def advance(self, step: int):
+    """Moves the progress bar to `step` (cheap; called every step)."""
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All JSON lines of DIR/metrics.jsonl (tests, demo)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,113 @@
+"""Optimizer: AdamW with a weight-decay mask, LR schedules, clipping and freezing (optax).
+
+Parameters are addressed by their '/'-joined path inside the params tree (e.g.
+'img/encoder/block_0/mlp/fc1/kernel'); the config's regexes (`optim.no_decay`, `freeze`) are
+matched with `re.search` against these paths.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+PyTree = Any
+
+
+def path_str(path) -> str:
+  """'/'-joined key path of a pytree leaf ('params/img/.../kernel')."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      parts.append(k.name)
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def tree_paths(tree: PyTree) -> PyTree:
+  """Same structure as `tree`, each leaf replaced by its path string (leading 'params/' dropped)."""
+  def name(path, _):
+    s = path_str(path)
+    return s[len("params/"):] if s.startswith("params/") else s
+  return jax.tree_util.tree_map_with_path(name, tree)
+
+
+def regex_mask(params: PyTree, pattern: str | None) -> PyTree:
+  """Boolean tree: True where the param path matches `pattern` (all False for '' / None)."""
+  if not pattern:
+    return jax.tree.map(lambda _: False, params)
+  rx = re.compile(pattern)
+  return jax.tree.map(lambda p: bool(rx.search(p)), tree_paths(params))
+
+
+def decay_mask(params: PyTree, no_decay: str | None = "") -> PyTree:
+  """True for params that get weight decay: matrices/kernels (ndim >= 2) not matching `no_decay`.
+
+  ndim < 2 covers LayerNorm scales/biases, all biases and the scalar logit scale / bias.
+  """
+  excluded = regex_mask(params, no_decay)
+  return jax.tree.map(lambda p, ex: (jnp.ndim(p) >= 2) and not ex, params, excluded)
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """Learning-rate schedule from `config.optim.lr`, `config.schedule`, `config.total_steps`."""
+  s, lr, total = config.schedule, config.optim.lr, config.total_steps
+  warmup = int(s.warmup_steps)
+  if warmup > total:
+    raise ValueError(f"schedule.warmup_steps={warmup} exceeds total_steps={total}")
+  if s.kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(total, warmup + 1),
+        end_value=lr * s.end_lr_factor)
+  if s.kind == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
+        [warmup])
+  if s.kind == "rsqrt":
+    timescale = s.timescale or max(warmup, 1)
+    cooldown = int(s.cooldown_steps)
+
+    def rsqrt(step):
+      step = jnp.asarray(step, jnp.float32)
+      lr_t = lr * jnp.sqrt(timescale / jnp.maximum(step, timescale))
+      lr_t = jnp.where(step < warmup, lr * step / max(warmup, 1), lr_t)
+      if cooldown:
+        lr_t *= jnp.clip((total - step) / cooldown, 0.0, 1.0)
+      return lr_t
+    return rsqrt
+  raise ValueError(f"schedule.kind: unknown schedule {s.kind!r}; expected one of cosine, rsqrt, "
+                   "constant")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: PyTree
+                   ) -> tuple[optax.GradientTransformation, Callable]:
+  """Returns (optimizer, schedule).
+
+  Chain: [global-norm clip] -> AdamW(schedule, masked decay); frozen params (config.freeze) are
+  routed to `set_to_zero` by `multi_transform`, so they carry no Adam moments.
+  """
+  o = config.optim
+  schedule = make_schedule(config)
+  adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                      mask=lambda p: decay_mask(p, o.no_decay))
+  parts = []
+  if o.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+  parts.append(adamw)
+  tx = optax.chain(*parts)
+  if config.freeze:
+    frozen = regex_mask(params, config.freeze)
+    if not any(jax.tree.leaves(frozen)):
+      raise ValueError(f"freeze: regex {config.freeze!r} matches no parameter; param paths look "
+                       f"like {jax.tree.leaves(tree_paths(params))[:3]}")
+    labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule
