@@ -66,6 +66,16 @@ def run_evals(config, model, params, mesh, tokenizer, step: Optional[int] = None
   ctx = context or _context(config, model, mesh, tokenizer)
   ctx.config, ctx.params, ctx.tokenizer = config, params, tokenizer
   results = {}
+  try:
+    results = _run(ctx, config, todo, step)
+  finally:
+    if context is None:
+      ctx.params = None   # the cached context must not keep the caller's params alive
+  return results
+
+
+def _run(ctx, config, todo, step):
+  results = {}
   for name, entry in todo:
     tag = common.dataset_tag(config, entry)
     t0 = time.time()

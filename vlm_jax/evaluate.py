@@ -1,0 +1,126 @@
+r"""Evaluate a checkpoint with the evals of a config.
+
+  python -m vlm_jax.evaluate --config configs/shapes_coca.py --workdir runs/shapes_coca \
+      [--step N] [--config.evals.run=zeroshot,caption --config.evals.caption.beam_size=3 ...]
+
+Restores the latest (or the given) checkpoint of DIR, runs `vlm_jax.evals.run_evals` with the
+config's `evals` section on a data-parallel mesh over all devices, writes
+DIR/eval/metrics_<step>.json (and the generated captions to DIR/eval/captions_<step>.json), and
+prints the metrics as one JSON object on the last line of standard output. Without --config the
+config saved in DIR (config.json) is used.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from vlm_jax import evals as evals_lib
+from vlm_jax import inference
+from vlm_jax import sharding
+
+_FLAGS = {}
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so that importing this module next
+  to the trainer (which has its own --config / --workdir) does not clash."""
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file: path.py[:arg] (default: DIR/config.json)",
+      lock_config=True)
+  _FLAGS["workdir"] = flags.DEFINE_string("workdir", None,
+                                          "Run directory (or its checkpoints/ directory).")
+  _FLAGS["step"] = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def evaluate(config, workdir: str, step: int | None = None, *, mesh=None,
+             write: bool = True) -> tuple[dict, int]:
+  """Evaluates checkpoint `step` (latest if None) of `workdir`; returns (metrics, step).
+
+  `config` None uses the config saved in the workdir. Metrics also go to
+  WORKDIR/eval/metrics_<step>.json when `write`.
+  """
+  loc = inference.locate(workdir, step)
+  if config is None:
+    config = inference.load_config(loc)
+  entries = evals_lib.entries(config)   # unknown eval names fail here, before any restore
+  if not entries:
+    raise ValueError("evals.run: no evaluation selected (config.evals.run is empty)")
+  if mesh is None:
+    mesh = _mesh(config)
+  model = inference.load(workdir, loc.step, mesh=mesh, config=config)
+  t0 = time.time()
+  metrics = evals_lib.run_evals(config, model.module, model.params, model.mesh, model.tokenizer,
+                                step=loc.step, context=model.context)
+  logging.info("evaluation of step %d took %.1fs", loc.step, time.time() - t0)
+  if write and jax.process_index() == 0:
+    out_dir = os.path.join(loc.workdir or os.path.dirname(loc.checkpoints), "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json(os.path.join(out_dir, f"metrics_{loc.step}.json"),
+                {"step": loc.step, **_finite(metrics)})
+    captions = {k: v for k, v in model.context.artifacts.items() if k.startswith("caption/")}
+    if captions:
+      _write_json(os.path.join(out_dir, f"captions_{loc.step}.json"), captions)
+  return metrics, loc.step
+
+
+def _mesh(config):
+  """The config's (training) mesh, so a model that needs FSDP / tensor parallelism to fit is
+  evaluated the same way; pure data parallelism when this machine's devices do not fit it."""
+  try:
+    return sharding.make_mesh(config.mesh)
+  except (ValueError, KeyError, AttributeError) as e:
+    logging.warning("mesh: config.mesh does not fit the %d devices here (%s); evaluating with "
+                    "data parallelism over all devices", jax.device_count(), e)
+    return inference.default_mesh()
+
+
+def _write_json(path, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+  os.replace(tmp, path)
+
+
+def _jsonable(x):
+  return float(x)
+
+
+def _finite(metrics: dict) -> dict:
+  """JSON has no NaN: non-finite values are printed as null."""
+  return {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None)
+          for k, v in metrics.items()}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  sharding.maybe_initialize_distributed()
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    metrics, step = evaluate(_FLAGS["config"].value, _FLAGS["workdir"].value,
+                             _FLAGS["step"].value)
+  except (FileNotFoundError, ValueError) as e:
+    logging.error("%s", e)
+    raise SystemExit(f"error: {e}") from None
+  if jax.process_index() == 0:
+    sys.stdout.flush()
+    print(json.dumps({"step": step, **_finite(metrics)}, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,83 @@
+r"""Caption and / or zero-shot classify image files with a trained checkpoint.
+
+  python -m vlm_jax.predict --workdir runs/shapes_coca --image a.png [--image b.png ...] \
+      [--labels "red circle,blue square"] [--templates photo] [--beam 3] [--max_len 12] [--json]
+
+For each image prints its caption (models with a caption decoder, i.e. CoCa) and, with --labels,
+the zero-shot probability of each label (softmax over the labels; SigLIP: independent sigmoids).
+Images are preprocessed exactly as in evaluation (config.data: resize, centre crop, normalise).
+"""
+from __future__ import annotations
+
+import json
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from vlm_jax import inference
+
+_FLAGS = {}
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program; see vlm_jax.evaluate)."""
+  f = _FLAGS
+  f["workdir"] = flags.DEFINE_string("workdir", None, "Run directory or checkpoint directory.")
+  f["step"] = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  f["image"] = flags.DEFINE_multi_string("image", None, "Image file(s) to predict on.")
+  f["labels"] = flags.DEFINE_string("labels", None, "Comma-separated class names for zero-shot.")
+  f["templates"] = flags.DEFINE_string(
+      "templates", "photo", "Prompt templates: a set name (photo, clip80, clip7, shapes, "
+      "identity) or '|'-separated templates with '{}'.")
+  f["beam"] = flags.DEFINE_integer("beam", 1, "Beam size for captioning (1 = greedy).")
+  f["max_len"] = flags.DEFINE_integer("max_len", None,
+                                      "Maximum caption tokens (default: context - 1).")
+  f["caption"] = flags.DEFINE_bool("caption", True, "Caption the images (decoder models).")
+  f["json"] = flags.DEFINE_bool("json", False, "Print one JSON object per image instead of text.")
+  flags.mark_flags_as_required(["workdir", "image"])
+
+
+def predict(model: inference.Model, paths, labels=None, templates="photo", beam=1, max_len=None,
+            caption=True) -> list:
+  """[{'image': path, 'caption'?: str, 'probs'?: {label: p}}] for image files `paths`."""
+  images = model.load_images(paths)
+  results = [{"image": str(p)} for p in paths]
+  if caption and model.kind == "coca":
+    for r, c in zip(results, model.generate(images, max_len=max_len, beam=beam)):
+      r["caption"] = c
+  if labels:
+    probs = model.classify(images, labels, templates=templates)
+    for r, row in zip(results, probs):
+      r["probs"] = {label: float(p) for label, p in zip(labels, row)}
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = {k: v.value for k, v in _FLAGS.items()}
+  labels = [l.strip() for l in (f["labels"] or "").split(",") if l.strip()]
+  try:
+    model = inference.load(f["workdir"], f["step"])
+    if not labels and model.kind != "coca":
+      raise ValueError(f"model.kind={model.kind!r} cannot caption; pass --labels for zero-shot")
+    results = predict(model, f["image"], labels, f["templates"], f["beam"], f["max_len"],
+                      f["caption"])
+  except (FileNotFoundError, ValueError) as e:
+    logging.error("%s", e)
+    raise SystemExit(f"error: {e}") from None
+  for r in results:
+    if f["json"]:
+      print(json.dumps(r), flush=True)
+      continue
+    print(r["image"])
+    if "caption" in r:
+      print(f"  caption: {r['caption']}")
+    for label, p in sorted(r.get("probs", {}).items(), key=lambda kv: -kv[1]):
+      print(f"  {p:.4f}  {label}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
