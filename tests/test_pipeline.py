@@ -382,3 +382,34 @@ def test_openai_eval_crop_matches_openai_preprocessing(tmp_path, tok):
   with pytest.raises(ValueError, match="data.eval_crop: unknown crop 'squash'"):
     next(pipeline.make_eval_iterator(config, tok, process_index=0, process_count=1,
                                      batch_size=1))
+
+
+def test_per_example_randomness_does_not_depend_on_the_process_count(tmp_path, tok):
+  """Each example gets the same caption draw and crop whether one process or two read it, so a
+  multi-process run trains on exactly the samples of a single-process run."""
+  path = write_jsonl(str(tmp_path / "j"), 16)
+  lines = [json.loads(l) for l in open(path)]
+  with open(path, "w") as f:  # unique labels and several captions per example
+    for i, line in enumerate(lines):
+      f.write(json.dumps({**line, "label": i, "caption": [f"picture {i}", f"another {i}",
+                                                          f"caption number {i}"]}) + "\n")
+  config = make_config(source="jsonl", train_jsonl=path, num_epochs=1)
+
+  def samples(process_index, process_count):
+    config.batch_size = 2 * process_count
+    it = pipeline.make_train_iterator(config, tok, process_index=process_index,
+                                      process_count=process_count)
+    out = {}
+    for batch in it:
+      for label, text, image in zip(batch["label"], batch["text"], batch["image"]):
+        out[int(label)] = (tuple(text.tolist()), image)
+    return out
+
+  single = samples(0, 1)
+  split = {**samples(0, 2), **samples(1, 2)}
+  assert sorted(single) == sorted(split) == list(range(16))
+  for label in single:
+    assert single[label][0] == split[label][0], label
+    np.testing.assert_array_equal(single[label][1], split[label][1])
+  # The draw is really random: not every example got its first caption.
+  assert len({tok.decode(np.asarray([t]))[0].split()[0] for t, _ in single.values()}) > 1

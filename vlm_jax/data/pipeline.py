@@ -484,7 +484,9 @@ def make_train_iterator(config, tokenizer, *, process_index=None, process_count=
     if len(source) < pc:
       raise ValueError(f"data: {len(source)} training examples for {pc} processes")
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(data.num_epochs)
-    ds = ds[pi::pc].random_map(preprocess, seed=seed)
+    # Per-example randomness (crop, caption) is seeded by the GLOBAL position, so a run draws the
+    # same samples whatever the number of processes; then each process takes its share.
+    ds = ds.random_map(preprocess, seed=seed)[pi::pc]
     stream = _GrainStream(_to_iter(ds, data))
   else:
     stream = _SequentialStream(source, preprocess, process_index=pi, process_count=pc, seed=seed,
