@@ -1,0 +1,177 @@
+"""Benchmarks (bench/): the JSON line, the analytic FLOP count against XLA's, the peak table,
+and that the PyTorch peer computes the same model and loss as vlm_jax."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax import config_utils
+from vlm_jax import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
+
+import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TINY = os.path.join(REPO, "configs/bench_cpu_clip.py:tiny")
+
+
+def _env():
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _json_line(stdout: str) -> dict:
+  lines = [l for l in stdout.splitlines() if l.strip()]
+  assert len(lines) == 1, f"expected exactly one output line, got: {stdout!r}"
+  return json.loads(lines[0])
+
+
+def test_train_step_prints_one_json_line():
+  proc = subprocess.run(
+      [sys.executable, "bench/train_step.py", f"--config={TINY}", "--steps=2", "--warmup=1",
+       "--peak_tflops=0.5", "--config.batch_size=4"],
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = _json_line(proc.stdout)
+  for field in synthetic.FIELDS:
+    assert field in r, field
+  assert r["impl"] == "vlm_jax" and r["batch_size"] == 4 and r["steps"] == 2
+  assert r["num_devices"] == 2                   # the step really ran over the mesh
+  assert r["samples_per_s"] > 0 and r["step_time_s"] > 0
+  assert r["step_time_min_s"] <= r["step_time_s"]
+  assert r["samples_per_s"] == pytest.approx(4 / r["step_time_s"], rel=1e-3)
+  assert r["peak_source"] == "flag" and r["peak_tflops_per_device"] == pytest.approx(0.5)
+  assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.5, rel=1e-3)
+  config = config_utils.load_config(TINY, {"batch_size": 4})
+  assert r["flops_per_example"] == pytest.approx(metrics.train_flops_per_example(config))
+  assert r["peak_memory_bytes"] > 0 and np.isfinite(r["loss"])
+
+
+def _flops_config(causal):
+  """Widths where matmuls dominate, so that XLA's total (which also counts element-wise ops,
+  the softmax and the AdamW update) is close to the matmul count."""
+  return config_utils.load_config(TINY, {
+      "model.image.width": 128, "model.image.mlp_dim": 512, "model.image.depth": 2,
+      "model.image.image_size": 32, "model.image.num_heads": 2,
+      "model.text.width": 128, "model.text.mlp_dim": 512, "model.text.depth": 2,
+      "model.text.context_length": 16, "model.text.vocab_size": 64, "model.text.num_heads": 2,
+      "model.text.causal": causal, "model.embed_dim": 64, "batch_size": 8})
+
+
+def test_analytic_flops_match_xla_cost_analysis():
+  from vlm_jax import train  # pylint: disable=g-import-not-at-top
+  # XLA computes causal attention in full (masked), so compare with the bidirectional text tower.
+  config = _flops_config(causal=False)
+  setup = train.make_setup(config, devices=jax.devices()[:1])
+  host = synthetic.make_batch(8, 32, 16, 64)
+  with setup.context():
+    step = setup.make_step()
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
+    compiled = step.lower(setup.abstract_state, abstract_batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla = float(cost["flops"])
+  analytic = metrics.train_flops_per_example(config) * config.batch_size
+  # XLA's count includes the non-matmul work, so it is a bit larger; the analytic one must not
+  # be larger than XLA's and must account for most of it.
+  assert 0.85 * xla <= analytic <= 1.02 * xla, (analytic, xla, analytic / xla)
+
+
+def test_causal_attention_is_counted_at_half():
+  full = metrics.train_flops_per_example(_flops_config(causal=False))
+  causal = metrics.train_flops_per_example(_flops_config(causal=True))
+  depth, length, width = 2, 16, 128
+  attention = 3 * depth * 2 * 2 * length * length * width    # 3 x (QK^T + AV), per example
+  assert full - causal == pytest.approx(attention / 2)
+
+
+@pytest.mark.parametrize("kind,peak", [
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H200", 989e12), ("cpu", None)])
+def test_peak_flops_table(kind, peak):
+  device = types.SimpleNamespace(device_kind=kind)   # only the name is looked up
+  assert metrics.device_peak_flops(device) == peak
+
+
+def test_cpu_peak_is_measured_when_not_in_table():
+  import train_step  # pylint: disable=g-import-not-at-top
+  peak, source = train_step.peak_flops_per_device()
+  assert source == "measured_f32_matmul"
+  assert 1e8 < peak * jax.local_device_count() < 1e14     # plausible FLOP/s for a CPU
+
+
+def test_synthetic_batch_layout():
+  b = synthetic.make_batch(16, 8, 12, 100, seed=3)
+  assert b["image"].shape == (16, 8, 8, 3) and b["image"].dtype == np.float32
+  text = b["text"]
+  assert text.shape == (16, 12) and text.dtype == np.int32
+  assert (text[:, 0] == synthetic.BOS_ID).all()
+  for row in text:
+    n = int((row != synthetic.PAD_ID).sum())
+    assert row[n - 1] == 99 and (row[:n] != synthetic.PAD_ID).all() and (row[n:] == 0).all()
+    assert int(np.argmax(row)) == n - 1        # eos = the largest id (argmax pooling finds it)
+
+
+def test_peer_computes_the_same_loss_as_vlm_jax():
+  """Same weights (HF -> vlm_jax converter) and batch give the same contrastive loss, so the peer
+  benchmark runs the same function as ours."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import transformers  # pylint: disable=g-import-not-at-top
+  import peer_step  # pylint: disable=g-import-not-at-top
+  from vlm_jax import convert, losses  # pylint: disable=g-import-not-at-top
+  from vlm_jax.convert import configs as convert_configs  # pylint: disable=g-import-not-at-top
+  from vlm_jax.models import build_model  # pylint: disable=g-import-not-at-top
+
+  config = config_utils.load_config(TINY)
+  m = config.model
+  torch.manual_seed(0)
+  hf_cfg = peer_step.hf_config(m)
+  hf = transformers.CLIPModel(hf_cfg).eval()
+  host = synthetic.make_batch(4, m.image.image_size, m.text.context_length, m.text.vocab_size)
+  ids = torch.from_numpy(host["text"].astype(np.int64))
+  with torch.no_grad():
+    want = hf(input_ids=ids, pixel_values=torch.from_numpy(host["image"].transpose(0, 3, 1, 2)),
+              attention_mask=(ids != 0).long(), return_loss=True).loss.item()
+
+  state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  arch = convert_configs.arch_from_hf_config(hf_cfg.to_dict())
+  params = convert.convert_state(state, "hf", arch)
+  out = build_model(m).apply({"params": jax.tree.map(jnp.asarray, params)}, host["image"],
+                             host["text"])
+  got, _ = losses.total_loss(out, host["text"], config.loss, 0)
+  assert float(got) == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_peer_rejects_a_model_hf_cannot_express():
+  import peer_step  # pylint: disable=g-import-not-at-top
+  config = config_utils.load_config(TINY, {"model.image.pool": "map"})
+  with pytest.raises(ValueError, match="model.image.pool"):
+    peer_step.check_hf_compatible(config.model)
+
+
+@pytest.mark.slow
+def test_peer_step_prints_one_json_line():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  proc = subprocess.run(
+      [sys.executable, "bench/peer_step.py", f"--config={TINY}", "--steps=2", "--warmup=1",
+       "--compile=no", "--threads=1"],
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = _json_line(proc.stdout)
+  for field in synthetic.FIELDS:
+    assert field in r, field
+  assert r["impl"] == "torch_hf_clip" and r["threads"] == 1 and r["torch_compile"] is False
+  assert r["samples_per_s"] > 0 and np.isfinite(r["loss"])
