@@ -23,6 +23,19 @@
 set -euo pipefail
 
 readonly SCRIPT_NAME="gpu_slurm.sh"
+# sbatch runs a copy of this script from its spool directory, where common.sh is not: look for it
+# next to the script, then in the launch/ directory that submit() exports, then in the submit
+# directory's launch/.
+for launch_dir in "$(dirname "${BASH_SOURCE[0]}")" "${VLM_JAX_LAUNCH_DIR:-}" \
+  "${SLURM_SUBMIT_DIR:+${SLURM_SUBMIT_DIR}/launch}"; do
+  [[ -n "${launch_dir}" && -f "${launch_dir}/common.sh" ]] && break
+done
+if [[ ! -f "${launch_dir}/common.sh" ]]; then
+  printf '%s: error: %s\n' "${SCRIPT_NAME}" "launch/common.sh not found; submit from the repository root" >&2
+  exit 2
+fi
+# shellcheck source=common.sh
+source "${launch_dir}/common.sh"
 
 usage() {
   cat <<EOF
@@ -64,50 +77,9 @@ Environment worth knowing (set with --env, or export before submitting):
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "${SCRIPT_NAME}" "$*" >&2
-  exit 2
-}
-
-log() {
-  printf '[%s] %s\n' "${SCRIPT_NAME}" "$*" >&2
-}
-
-# One word, quoted only when the shell needs it, so a printed command can be pasted back.
-quote() {
-  local s="$1"
-  if [[ "${s}" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "${s}"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-join_quoted() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "${word}")"
-  done
-  printf '%s' "${out}"
-}
-
-# Replaces this shell with the command, or prints it under --dry-run.
-run() {
-  if ((dry_run)); then
-    printf '%s\n' "$(join_quoted "$@")"
-    exit 0
-  fi
-  log "+ $(join_quoted "$@")"
-  exec "$@"
-}
-
-is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
-
 # ---------------------------------------------------------------------------------------------
 # Flags.
 
-config=""
-workdir=""
 nodes="2"
 gpus_per_node="8"
 per_node=0
@@ -116,64 +88,16 @@ account=""
 time="24:00:00"
 job_name="vlm_jax"
 python="python"
-env_vars=()
 sbatch_args=()
-trainer_args=()
-dry_run=0
 
 readonly VALUE_FLAGS=(--config --workdir --nodes --gpus-per-node --partition --account --time
   --job-name --python --env --sbatch-arg)
-
-is_value_flag() {
-  local flag
-  for flag in "${VALUE_FLAGS[@]}"; do
-    [[ "$1" == "${flag}" ]] && return 0
-  done
-  return 1
-}
-
-set_flag() {
-  local flag="$1" value="$2" var
-  case "${flag}" in
-    --env)
-      [[ "${value}" == [A-Za-z_]*=* ]] || die "--env expects KEY=VALUE, got '${value}'"
-      env_vars+=("${value}")
-      ;;
-    --sbatch-arg) sbatch_args+=("${value}") ;;
-    *)
-      var="${flag#--}"
-      var="${var//-/_}"
-      printf -v "${var}" '%s' "${value}"
-      ;;
-  esac
-}
-
-parse_flags() {
-  while (($#)); do
-    case "$1" in
-      -h | --help) usage; exit 0 ;;
-      --dry-run) dry_run=1 ;;
-      --per-node) per_node=1 ;;
-      --) shift; trainer_args=("$@"); return ;;
-      --*=*)
-        is_value_flag "${1%%=*}" || die "unknown flag ${1%%=*} (see --help)"
-        set_flag "${1%%=*}" "${1#*=}"
-        ;;
-      --*)
-        is_value_flag "$1" || die "unknown flag $1 (see --help)"
-        (($# >= 2)) || die "flag $1 needs a value"
-        set_flag "$1" "$2"
-        shift
-        ;;
-      *) die "unexpected argument '$1' (trainer flags go after --)" ;;
-    esac
-    shift
-  done
-}
+LIST_FLAGS=(--sbatch-arg)
+SWITCH_FLAGS=(--per-node)
 
 validate_flags() {
-  [[ -n "${config}" ]] || die "missing required flag --config (the experiment config, e.g. configs/shapes_coca.py)"
-  [[ -n "${workdir}" ]] || die "missing required flag --workdir (a directory every node can reach)"
+  require --config "${config}" "the experiment config, e.g. configs/shapes_coca.py"
+  require --workdir "${workdir}" "a directory every node can reach"
   if ! is_uint "${nodes}" || ((nodes == 0)); then
     die "--nodes must be a positive integer, got '${nodes}'"
   fi
@@ -182,18 +106,11 @@ validate_flags() {
   fi
 }
 
-# The trainer command line, as every srun task runs it.
-trainer_command() {
-  printf '%s\0' "${python}" -m vlm_jax.train --config "${config}" --workdir "${workdir}" \
-    "${trainer_args[@]}"
-}
-
 # Outside an allocation: submit this very script with the allocation as sbatch flags. The job
 # runs in the current directory (sbatch's default), so relative --config / --workdir paths mean
 # what they mean here.
 submit() {
-  local root tasks_per_node cmd=() inner=()
-  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  local tasks_per_node cmd=() inner=()
   tasks_per_node="${gpus_per_node}"
   ((per_node)) && tasks_per_node=1
   cmd=(sbatch "--job-name=${job_name}" "--nodes=${nodes}" "--gpus-per-node=${gpus_per_node}"
@@ -207,7 +124,9 @@ submit() {
   ((${#trainer_args[@]} == 0)) || inner+=(-- "${trainer_args[@]}")
   command -v sbatch >/dev/null 2>&1 || ((dry_run)) ||
     die "sbatch not found: run this on a SLURM login node"
-  run "${cmd[@]}" "${root}/launch/${SCRIPT_NAME}" "${inner[@]}"
+  # For the job's copy of this script to find common.sh (see the top).
+  export VLM_JAX_LAUNCH_DIR="${ROOT}/launch"
+  run_exec "${cmd[@]}" "${ROOT}/launch/${SCRIPT_NAME}" "${inner[@]}"
 }
 
 # Inside an allocation: one srun step over all its tasks.
@@ -225,9 +144,9 @@ launch_step() {
     envs+=("JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus - 1)))")
   fi
   envs+=("${env_vars[@]}")
-  mapfile -d '' train < <(trainer_command)
+  trainer_argv train "${python}"
   command -v srun >/dev/null 2>&1 || ((dry_run)) || die "srun not found inside the allocation"
-  run srun --kill-on-bad-exit=1 --label env PYTHONUNBUFFERED=1 "${envs[@]}" "${train[@]}"
+  run_exec srun --kill-on-bad-exit=1 --label env PYTHONUNBUFFERED=1 "${envs[@]}" "${train[@]}"
 }
 
 main() {

@@ -9,8 +9,8 @@
 set -euo pipefail
 
 readonly SCRIPT_NAME="${0##*/}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-readonly ROOT
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<EOF
@@ -31,81 +31,11 @@ Usage: launch/${SCRIPT_NAME} --config PATH[:ARG] --workdir DIR [flags] [-- TRAIN
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "${SCRIPT_NAME}" "$*" >&2
-  exit 2
-}
-
-# One word, quoted only when the shell needs it, so a printed command can be pasted back.
-quote() {
-  local s="$1"
-  if [[ "${s}" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "${s}"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-join_quoted() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "${word}")"
-  done
-  printf '%s' "${out}"
-}
-
-config=""
-workdir=""
 cpu_devices=""
 platform=""
 python=""
-env_vars=()
-trainer_args=()
-dry_run=0
 
 readonly VALUE_FLAGS=(--config --workdir --cpu-devices --platform --python --env)
-
-is_value_flag() {
-  local flag
-  for flag in "${VALUE_FLAGS[@]}"; do
-    [[ "$1" == "${flag}" ]] && return 0
-  done
-  return 1
-}
-
-set_flag() {
-  local flag="$1" value="$2" var
-  if [[ "${flag}" == "--env" ]]; then
-    [[ "${value}" == [A-Za-z_]*=* ]] || die "--env expects KEY=VALUE, got '${value}'"
-    env_vars+=("${value}")
-    return
-  fi
-  var="${flag#--}"
-  var="${var//-/_}"
-  printf -v "${var}" '%s' "${value}"
-}
-
-parse_flags() {
-  while (($#)); do
-    case "$1" in
-      -h | --help) usage; exit 0 ;;
-      --dry-run) dry_run=1 ;;
-      --) shift; trainer_args=("$@"); return ;;
-      --*=*)
-        is_value_flag "${1%%=*}" || die "unknown flag ${1%%=*} (see --help)"
-        set_flag "${1%%=*}" "${1#*=}"
-        ;;
-      --*)
-        is_value_flag "$1" || die "unknown flag $1 (see --help)"
-        (($# >= 2)) || die "flag $1 needs a value"
-        set_flag "$1" "$2"
-        shift
-        ;;
-      *) die "unexpected argument '$1' (trainer flags go after --)" ;;
-    esac
-    shift
-  done
-}
 
 default_python() {
   if [[ -n "${VIRTUAL_ENV:-}" ]]; then
@@ -119,8 +49,8 @@ default_python() {
 
 main() {
   parse_flags "$@"
-  [[ -n "${config}" ]] || die "missing required flag --config (the experiment config, e.g. configs/shapes_coca.py)"
-  [[ -n "${workdir}" ]] || die "missing required flag --workdir (where checkpoints and metrics go)"
+  require --config "${config}" "the experiment config, e.g. configs/shapes_coca.py"
+  require --workdir "${workdir}" "where checkpoints and metrics go"
   case "${platform}" in
     "" | cpu | cuda | rocm | tpu) ;;
     *) die "--platform must be one of cpu, cuda, rocm, tpu; got '${platform}'" ;;
@@ -138,15 +68,10 @@ main() {
   envs+=("${env_vars[@]}")
   [[ -n "${python}" ]] || python="$(default_python)"
 
-  local cmd=()
+  local cmd=() train=()
   ((${#envs[@]} == 0)) || cmd=(env "${envs[@]}")
-  cmd+=("${python}" -m vlm_jax.train --config "${config}" --workdir "${workdir}" "${trainer_args[@]}")
-  if ((dry_run)); then
-    printf '%s\n' "$(join_quoted "${cmd[@]}")"
-    return 0
-  fi
-  printf '[%s] + %s\n' "${SCRIPT_NAME}" "$(join_quoted "${cmd[@]}")" >&2
-  exec "${cmd[@]}"
+  trainer_argv train "${python}"
+  run_exec "${cmd[@]}" "${train[@]}"
 }
 
 main "$@"

@@ -15,8 +15,8 @@
 set -euo pipefail
 
 readonly SCRIPT_NAME="${0##*/}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-readonly ROOT
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<EOF
@@ -85,33 +85,6 @@ Example (SigLIP B/16 on a v5e pod with Spot capacity, relaunched after preemptio
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "${SCRIPT_NAME}" "$*" >&2
-  exit 2
-}
-
-log() {
-  printf '[%s] %s\n' "${SCRIPT_NAME}" "$*" >&2
-}
-
-# One word, quoted only when the shell needs it, so a printed command can be pasted back.
-quote() {
-  local s="$1"
-  if [[ "${s}" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "${s}"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-join_quoted() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "${word}")"
-  done
-  printf '%s' "${out}"
-}
-
 # Commands are printed on fd 3 (the original stdout) so that they still show when a query
 # runs inside $(...) in dry-run mode.
 exec 3>&1
@@ -142,7 +115,6 @@ query() {
 # ---------------------------------------------------------------------------------------------
 # Flags.
 
-subcommand=""
 name=""
 zone=""
 project=""
@@ -154,75 +126,17 @@ repo_url=""
 ref="HEAD"
 remote_dir="vlm_jax"
 python_bin="python3.11"
-config=""
-workdir=""
-env_vars=()
-trainer_args=()
 watch=0
 poll_interval=60
 max_restarts=20
 worker="0"
 lines=100
-dry_run=0
 
 readonly VALUE_FLAGS=(--name --zone --project --accelerator-type --runtime-version --repo-url
   --ref --remote-dir --python-bin --config --workdir --env --poll-interval --max-restarts
   --worker --lines)
-
-is_value_flag() {
-  local flag
-  for flag in "${VALUE_FLAGS[@]}"; do
-    [[ "$1" == "${flag}" ]] && return 0
-  done
-  return 1
-}
-
-set_flag() {
-  local flag="$1" value="$2" var
-  if [[ "${flag}" == "--env" ]]; then
-    [[ "${value}" == [A-Za-z_]*=* ]] || die "--env expects KEY=VALUE, got '${value}'"
-    env_vars+=("${value}")
-    return
-  fi
-  var="${flag#--}"
-  var="${var//-/_}"
-  printf -v "${var}" '%s' "${value}"
-}
-
-parse_flags() {
-  while (($#)); do
-    case "$1" in
-      -h | --help) usage; exit 0 ;;
-      --dry-run) dry_run=1 ;;
-      --spot) spot=1 ;;
-      --queued) queued=1 ;;
-      --watch) watch=1 ;;
-      --) shift; trainer_args=("$@"); return ;;
-      --*=*)
-        is_value_flag "${1%%=*}" || die "unknown flag ${1%%=*} (see --help)"
-        set_flag "${1%%=*}" "${1#*=}"
-        ;;
-      --*)
-        is_value_flag "$1" || die "unknown flag $1 (see --help)"
-        (($# >= 2)) || die "flag $1 needs a value"
-        set_flag "$1" "$2"
-        shift
-        ;;
-      *)
-        [[ -z "${subcommand}" ]] || die "unexpected argument '$1' (trainer flags go after --)"
-        subcommand="$1"
-        ;;
-    esac
-    shift
-  done
-}
-
-require() {
-  local flag="$1" value="$2" why="$3"
-  [[ -n "${value}" ]] || die "missing required flag ${flag} (${why})"
-}
-
-is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+SWITCH_FLAGS=(--spot --queued --watch)
+SUBCOMMAND_FLAGS=1
 
 default_runtime_version() {
   case "$1" in
@@ -427,21 +341,24 @@ setup_workers() {
 # Worker-side helper: is the job (the pid in logs/train.pid) alive? A zombie does not count.
 readonly REMOTE_ALIVE='alive() { [ -f logs/train.pid ] || return 1; s=$(ps -o stat= -p "$(cat logs/train.pid)" 2>/dev/null | tr -d " "); [ -n "$s" ] && [ "${s#Z}" = "$s" ]; }'
 
+# Worker-side prefix of the job commands: define alive, then cd to the code directory.
+alive_and_cd() {
+  printf '%s; cd %s' "${REMOTE_ALIVE}" "$(quote "${remote_dir}")"
+}
+
 # The detached launch on each worker: setsid makes the job its own process group (so `stop` can
 # signal python and all its children), nohup + redirections let the ssh session end, and the
 # exit status is written to logs/train.exit so `status` and --watch can tell a crash from a
 # clean finish.
 start_training() {
-  local dir job remote
-  dir="$(quote "${remote_dir}")"
+  local train=() job remote
   # VLM_JAX_DISTRIBUTED=1: ssh sessions on TPU VMs carry no launcher variables, so tell the
   # trainer to call jax.distributed.initialize(), which reads the slice layout from the TPU
   # metadata (one process per worker; a single-host slice gives one process). --env can override.
-  job="$(join_quoted env PYTHONUNBUFFERED=1 VLM_JAX_DISTRIBUTED=1 "${env_vars[@]}" \
-    .venv/bin/python -m vlm_jax.train \
-    --config "${config}" --workdir "${workdir}" "${trainer_args[@]}")"
+  trainer_argv train .venv/bin/python
+  job="$(join_quoted env PYTHONUNBUFFERED=1 VLM_JAX_DISTRIBUTED=1 "${env_vars[@]}" "${train[@]}")"
   job+='; echo $? > logs/train.exit'
-  remote="set -e; ${REMOTE_ALIVE}; cd ${dir}; mkdir -p logs"
+  remote="set -e; $(alive_and_cd); mkdir -p logs"
   remote+='; if alive; then'
   remote+=' echo "vlm_jax.train is already running (pid $(cat logs/train.pid)); run stop first" >&2; exit 1; fi'
   remote+='; rm -f logs/train.exit; echo "=== launch $(date -u +%FT%TZ) ===" >> logs/train.log'
@@ -451,9 +368,8 @@ start_training() {
 }
 
 stop_training() {
-  local dir remote
-  dir="$(quote "${remote_dir}")"
-  remote="${REMOTE_ALIVE}; cd ${dir} 2>/dev/null || exit 0"
+  local remote
+  remote="$(alive_and_cd) 2>/dev/null || exit 0"
   remote+='; if alive; then kill -TERM -- "-$(cat logs/train.pid)";'
   # Wait (up to 60 s) for the processes to exit so that the TPU is free for the next launch.
   remote+=' for _ in $(seq 60); do alive || break; sleep 1; done;'
@@ -469,9 +385,8 @@ stop_training() {
 readonly PREEMPTION_MESSAGE="preemption: saving at step"
 
 job_state_script() {
-  local dir remote
-  dir="$(quote "${remote_dir}")"
-  remote="${REMOTE_ALIVE}; cd ${dir} 2>/dev/null && [ -x .venv/bin/python ] || { echo nocode; exit 0; }"
+  local remote
+  remote="$(alive_and_cd) 2>/dev/null && [ -x .venv/bin/python ] || { echo nocode; exit 0; }"
   remote+='; if alive; then echo running;'
   remote+=' elif [ "$(cat logs/train.exit 2>/dev/null)" = 0 ] && awk'
   remote+=" '/^=== launch /{p=0} /${PREEMPTION_MESSAGE}/{p=1} END{exit !p}' logs/train.log;"

@@ -86,6 +86,16 @@ def test_shellcheck_clean(script):
   assert result.returncode == 0, result.stdout
 
 
+def test_common_sh_parses_and_is_shellcheck_clean():
+  """launch/common.sh, the pieces the scripts share (sourced, so not executable)."""
+  path = LAUNCH / "common.sh"
+  subprocess.run(["bash", "-n", str(path)], check=True)
+  if SHELLCHECK is not None:
+    result = subprocess.run([SHELLCHECK, "--severity=info", str(path)], capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stdout
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help(script, env):
   result = _run(script, "--help", env=env)
