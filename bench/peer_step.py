@@ -32,7 +32,6 @@ import traceback
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,18 +43,13 @@ def define_flags() -> dict:
   """Command-line flags (defined only when run as a script, so that tests can import this
   module next to the other benchmark script)."""
   return dict(
-      config=config_flags.DEFINE_config_file("config", None, "Benchmark config: path.py[:arg]",
-                                             lock_config=True),
-      steps=flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported)."),
-      warmup=flags.DEFINE_integer("warmup", 3,
-                                  "Untimed steps first (compilation happens here)."),
+      **synthetic.define_common_flags("Untimed steps first (compilation happens here)."),
       compile=flags.DEFINE_enum("compile", "auto", ["auto", "yes", "no"],
                                 "torch.compile the training forward: auto = try, else eager."),
       threads=flags.DEFINE_integer("threads", None,
                                    "torch threads (default: this process's cores)."),
       flush_denormal=flags.DEFINE_bool(
-          "flush_denormal", True, "Flush denormal floats to zero, as XLA's CPU runtime does."),
-      seed=flags.DEFINE_integer("seed", 0, "Seed of the synthetic batch."))
+          "flush_denormal", True, "Flush denormal floats to zero, as XLA's CPU runtime does."))
 
 
 def _vit_sizes(image_cfg) -> dict:

@@ -28,7 +28,6 @@ import time
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,17 +39,13 @@ def define_flags() -> dict:
   """Command-line flags (defined only when run as a script, so that tests can import this
   module next to the other benchmark script)."""
   return dict(
-      config=config_flags.DEFINE_config_file("config", None, "Benchmark config: path.py[:arg]",
-                                             lock_config=True),
-      steps=flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported)."),
-      warmup=flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles)."),
+      **synthetic.define_common_flags("Untimed steps first (the first one compiles)."),
       input=flags.DEFINE_enum("input", "device", ["device", "host"],
                               "device: one batch kept on the devices; host: a numpy batch is "
                               "transferred every step (inside the timing)."),
       peak=flags.DEFINE_float("peak_tflops", None,
                               "Override the per-device peak TFLOP/s for MFU."),
-      profile_dir=flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace here."),
-      seed=flags.DEFINE_integer("seed", 0, "Seed of the synthetic batch."))
+      profile_dir=flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace here."))
 
 
 # ------------------------------------------------------------------------------------------------
