@@ -9,22 +9,14 @@ loss; exact GELU. `batch_size` is the global batch (per device: batch_size / dev
 
 arg: 'remat' re-computes each block in the backward pass (larger batches fit).
 """
+from configs import clip_vit_b16
 from configs import common
 
 
 def get_config(arg=None):
   config = common.ml_collections.ConfigDict()
-  config.model = common.model_config("clip", embed_dim=512)
+  config.model = clip_vit_b16.get_config().model   # the recipe's model, unchanged but for dtype
   m = config.model
-  m.image = common.vit_config("B/16", image_size=224, pool="cls")
-  m.image.class_token = True
-  m.image.ln_pre = True
-  m.image.patch_bias = False
-  m.image.ln_eps = 1e-5
-  m.text = common.text_config(vocab_size=49408, context_length=77, width=512, depth=12,
-                              num_heads=8, mlp_dim=2048)
-  m.text.pool = "eos"
-  m.text.ln_eps = 1e-5
   m.dtype = "bfloat16"
   m.remat = arg == "remat"
   if arg not in (None, "", "remat"):

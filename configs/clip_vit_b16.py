@@ -19,6 +19,7 @@ def get_config(arg=None):
   m.image = common.vit_config("B/16", image_size=224, pool="cls")
   m.image.class_token = True
   m.image.ln_pre = True
+  m.image.patch_bias = False                # OpenAI / OpenCLIP conv1 has no bias
   m.image.ln_eps = 1e-5
   m.text = common.text_config(vocab_size=49408, context_length=77, width=512, depth=12,
                               num_heads=8, mlp_dim=2048)
