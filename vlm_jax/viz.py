@@ -154,22 +154,33 @@ def image_grid(images: Sequence[np.ndarray], titles: Optional[Sequence[str]] = N
   return fig
 
 
+def _image_by_item(values, images, items, fn: str, name: str, what: str) -> np.ndarray:
+  """`values` as float32 [len(images), len(items)], or a ValueError naming the mismatch."""
+  values = np.asarray(values, np.float32)
+  if values.shape != (len(images), len(items)):
+    raise ValueError(f"{fn}: {name} shape {values.shape} != ({len(images)}, {len(items)}) "
+                     f"(images x {what})")
+  return values
+
+
+def _image_rows(images, figsize, text_ratio):
+  """A figure with one row per image: the image on the left, a free axis on the right."""
+  fig, axes = _plt().subplots(len(images), 2, figsize=figsize, squeeze=False,
+                              gridspec_kw={"width_ratios": [1, text_ratio]})
+  for i, image in enumerate(images):
+    axes[i, 0].imshow(np.asarray(image), interpolation="nearest")
+    axes[i, 0].axis("off")
+  return fig, axes
+
+
 def retrieval_examples(images: Sequence[np.ndarray], texts: Sequence[str], scores,
                        correct=None, k: int = 3, width: int = 60):
   """For each image (row), its top-k texts by score, best first; texts marked `correct`
   (bool [N, T], e.g. the image's own captions) get a check mark and are drawn in green."""
-  plt = _plt()
-  scores = np.asarray(scores, np.float32)
-  n = len(images)
-  if scores.shape != (n, len(texts)):
-    raise ValueError(f"retrieval_examples: scores shape {scores.shape} != ({n}, {len(texts)}) "
-                     "(images x texts)")
+  scores = _image_by_item(scores, images, texts, "retrieval_examples", "scores", "texts")
   best = top_k(scores, k)
-  fig, axes = plt.subplots(n, 2, figsize=(9, 1.5 * n), squeeze=False,
-                           gridspec_kw={"width_ratios": [1, 5]})
-  for i in range(n):
-    axes[i, 0].imshow(np.asarray(images[i]), interpolation="nearest")
-    axes[i, 0].axis("off")
+  fig, axes = _image_rows(images, figsize=(9, 1.5 * len(images)), text_ratio=5)
+  for i in range(len(images)):
     ax = axes[i, 1]
     ax.axis("off")
     for r, j in enumerate(best[i]):
@@ -222,18 +233,10 @@ def similarity_heatmap(scores, images: Sequence[np.ndarray], prompts: Sequence[s
 def label_bars(probs, labels: Sequence[str], images: Sequence[np.ndarray], k: int = 5,
                titles: Optional[Sequence[str]] = None):
   """Zero-shot results: each image next to a bar chart of its top-k label probabilities."""
-  plt = _plt()
-  probs = np.asarray(probs, np.float32)
-  n = len(images)
-  if probs.shape != (n, len(labels)):
-    raise ValueError(f"label_bars: probs shape {probs.shape} != ({n}, {len(labels)}) "
-                     "(images x labels)")
+  probs = _image_by_item(probs, images, labels, "label_bars", "probs", "labels")
   best = top_k(probs, k)
-  fig, axes = plt.subplots(n, 2, figsize=(8, 1.7 * n), squeeze=False,
-                           gridspec_kw={"width_ratios": [1, 3]})
-  for i in range(n):
-    axes[i, 0].imshow(np.asarray(images[i]), interpolation="nearest")
-    axes[i, 0].axis("off")
+  fig, axes = _image_rows(images, figsize=(8, 1.7 * len(images)), text_ratio=3)
+  for i in range(len(images)):
     if titles is not None:
       axes[i, 0].set_title(textwrap.shorten(str(titles[i]), 40), fontsize=8)
     ax = axes[i, 1]
