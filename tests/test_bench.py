@@ -57,6 +57,48 @@ def test_train_step_prints_one_json_line():
   assert r["peak_memory_bytes"] > 0 and np.isfinite(r["loss"])
 
 
+def test_profile_summary_of_a_traced_step(tmp_path):
+  profile_dir = str(tmp_path / "prof")
+  proc = subprocess.run(
+      [sys.executable, "bench/train_step.py", f"--config={TINY}", "--steps=2", "--warmup=1",
+       "--peak_tflops=0.5", "--config.batch_size=4", f"--profile_dir={profile_dir}"],
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = subprocess.run([sys.executable, "bench/profile_summary.py", profile_dir, "--top=200"],
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  s = _json_line(proc.stdout)
+  assert s["op_time_ms"] > 0 and s["threads"] >= 1
+  kinds = {row["kind"]: row for row in s["by_kind"]}
+  assert any("fusion" in k for k in kinds), kinds      # XLA's fused ops are in the trace
+  assert all(not k.split(".")[-1].isdigit() for k in kinds)   # numeric suffixes grouped away
+  # With every kind listed, the fractions add up to the whole and the ms to the total.
+  assert sum(r["fraction"] for r in s["by_kind"]) == pytest.approx(1.0, abs=1e-3)
+  assert sum(r["ms"] for r in s["by_kind"]) == pytest.approx(s["op_time_ms"], rel=1e-3)
+  assert sum(s["busy_threads"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_profile_summary_counts_overlapping_operations():
+  import profile_summary  # pylint: disable=g-import-not-at-top
+  ms = 1_000_000   # events are in ns
+  # Thread a runs dot.1 over 0-10 ms and dot.3 over 15-20 ms; thread b a copy over 5-15 ms: of
+  # the 20 ms, 15 have one op running and 5 have two.
+  events = [(0, 10 * ms, "a", "dot.1"), (5 * ms, 15 * ms, "b", "copy_fusion.2"),
+            (15 * ms, 20 * ms, "a", "dot.3")]
+  assert profile_summary.busy_thread_fractions(events) == pytest.approx({1: 15 / 20, 2: 5 / 20})
+  s = profile_summary.summarize(events)
+  assert s["op_time_ms"] == 25.0
+  assert s["by_kind"] == [{"kind": "dot", "ms": 15.0, "fraction": 0.6},
+                          {"kind": "copy_fusion", "ms": 10.0, "fraction": 0.4}]
+  assert s["threads"] == 2
+
+
+def test_profile_summary_names_a_directory_without_trace(tmp_path, capsys):
+  import profile_summary  # pylint: disable=g-import-not-at-top
+  assert profile_summary.main([str(tmp_path)]) == 2
+  assert str(tmp_path) in capsys.readouterr().err
+
+
 def _flops_config(causal):
   """Widths where matmuls dominate, so that XLA's total (which also counts element-wise ops,
   the softmax and the AdamW update) is close to the matmul count."""
