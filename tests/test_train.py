@@ -139,8 +139,10 @@ MESHES = {"data8": (8, 1, 1), "data2_fsdp4": (2, 4, 1), "data2_fsdp2_tensor2": (
 
 @pytest.mark.parametrize("kind,meshes", [
     ("clip", ["data2_fsdp2_tensor2"]),                       # every axis at once: quick
-    pytest.param("clip", list(MESHES), marks=pytest.mark.slow),
-    pytest.param("coca", list(MESHES), marks=pytest.mark.slow),
+    pytest.param("clip", ["data8", "data2_fsdp4"], marks=pytest.mark.slow),
+    # The decoder adds cross-attention and the caption loss; pure data parallelism is the
+    # same code path as for clip, so CoCa runs the sharded meshes only.
+    pytest.param("coca", ["data2_fsdp4", "data2_fsdp2_tensor2"], marks=pytest.mark.slow),
 ])
 def test_meshes_give_same_losses(kind, meshes, shapes_data_dir, tokenizer_path):
   cfg = tiny_config(kind, shapes_data_dir, tokenizer_path, optim__lr=3e-3,
