@@ -5,9 +5,8 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= runs/shapes_coca
-# Tests use 8 simulated CPU devices for the sharding tests; xdist runs two workers (2 cores)
-# and hands them one test at a time, so the slow tests (scheduled first) spread over both.
-PYTEST_ARGS ?= -n 2 --maxschedchunk=1
+# Tests use 8 simulated CPU devices for the sharding tests; xdist runs two workers (2 cores).
+PYTEST_ARGS ?= -n 2
 
 .PHONY: install install-test demo test clean
 

@@ -9,10 +9,3 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow (used by TFDS for preparation) must not grab accelerators or print noise.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-
-
-def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
-  """Runs the `slow` end-to-end tests first (in collection order otherwise). With the tests
-  spread over workers, a multi-minute test that starts last keeps one worker busy while the
-  other has finished; started first, the quick tests fill in around it."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
