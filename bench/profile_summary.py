@@ -9,8 +9,8 @@ library matmuls, copies; the executor's own bookkeeping events are left out):
 * `by_kind`: time per kind of operation (the HLO name without its numeric suffix, e.g.
   `ynn_fusion` for library matmuls on CPU, `copy_bitcast_fusion`, `transpose_copy_fusion`), in ms
   summed over threads and as a fraction of that total;
-* `top_ops`: the most expensive single operations, with the HLO metadata's op name when the trace
-  carries it;
+* `top_ops`: the most expensive single operations by HLO name (look them up in an XLA dump,
+  XLA_FLAGS=--xla_dump_to=DIR, for shapes and the model op they come from);
 * `busy_threads`: on CPU, the fraction of the traced wall time during which 0, 1, 2, ... executor
   threads were running an operation. With N cores, time at fewer than N is capacity the step left
   unused (a dependency chain, or a matmul that got fewer threads than the machine has).
@@ -29,8 +29,9 @@ import sys
 
 # Executor bookkeeping that wraps or waits on the real work; counting it would double-count.
 _BOOKKEEPING = re.compile(r"^(ThunkExecutor|ThreadpoolListener|SlinkyThreadPool|end: )")
-# Threads that run XLA operations: the CPU executor's worker threads and the GPU streams.
-_OP_LINES = re.compile(r"XLAEigen|XLAPjRtCpuClient|Stream|XLA Ops", re.IGNORECASE)
+# Trace lines that carry XLA operations: the CPU executor's threads, and on GPU the per-device
+# "XLA Ops" line (its "Stream" lines hold the same work as kernels, so they are not counted).
+_OP_LINES = re.compile(r"XLAEigen|XLAPjRtCpuClient|XLA Ops")
 
 
 def find_trace(profile_dir: str) -> str:

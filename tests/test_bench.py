@@ -20,6 +20,9 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TINY = os.path.join(REPO, "configs/bench_cpu_clip.py:tiny")
+# bench/train_step.py on the tiny config: 2 timed steps of batch 4, a fixed peak for the MFU.
+TINY_STEP_ARGS = (f"--config={TINY}", "--steps=2", "--warmup=1", "--peak_tflops=0.5",
+                  "--config.batch_size=4")
 
 
 def _env():
@@ -30,6 +33,14 @@ def _env():
   return env
 
 
+def _run_script(script: str, *args: str) -> str:
+  """Runs bench/`script` with `args` on 2 CPU devices; returns its stdout (fails on exit != 0)."""
+  proc = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
 def _json_line(stdout: str) -> dict:
   lines = [l for l in stdout.splitlines() if l.strip()]
   assert len(lines) == 1, f"expected exactly one output line, got: {stdout!r}"
@@ -37,12 +48,7 @@ def _json_line(stdout: str) -> dict:
 
 
 def test_train_step_prints_one_json_line():
-  proc = subprocess.run(
-      [sys.executable, "bench/train_step.py", f"--config={TINY}", "--steps=2", "--warmup=1",
-       "--peak_tflops=0.5", "--config.batch_size=4"],
-      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  r = _json_line(proc.stdout)
+  r = _json_line(_run_script("train_step.py", *TINY_STEP_ARGS))
   for field in synthetic.FIELDS:
     assert field in r, field
   assert r["impl"] == "vlm_jax" and r["batch_size"] == 4 and r["steps"] == 2
@@ -59,15 +65,8 @@ def test_train_step_prints_one_json_line():
 
 def test_profile_summary_of_a_traced_step(tmp_path):
   profile_dir = str(tmp_path / "prof")
-  proc = subprocess.run(
-      [sys.executable, "bench/train_step.py", f"--config={TINY}", "--steps=2", "--warmup=1",
-       "--peak_tflops=0.5", "--config.batch_size=4", f"--profile_dir={profile_dir}"],
-      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  proc = subprocess.run([sys.executable, "bench/profile_summary.py", profile_dir, "--top=200"],
-                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  s = _json_line(proc.stdout)
+  _run_script("train_step.py", *TINY_STEP_ARGS, f"--profile_dir={profile_dir}")
+  s = _json_line(_run_script("profile_summary.py", profile_dir, "--top=200"))
   assert s["op_time_ms"] > 0 and s["threads"] >= 1
   kinds = {row["kind"]: row for row in s["by_kind"]}
   assert any("fusion" in k for k in kinds), kinds      # XLA's fused ops are in the trace
@@ -207,12 +206,8 @@ def test_peer_rejects_a_model_hf_cannot_express():
 def test_peer_step_prints_one_json_line():
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  proc = subprocess.run(
-      [sys.executable, "bench/peer_step.py", f"--config={TINY}", "--steps=2", "--warmup=1",
-       "--compile=no", "--threads=1"],
-      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  r = _json_line(proc.stdout)
+  r = _json_line(_run_script("peer_step.py", f"--config={TINY}", "--steps=2", "--warmup=1",
+                             "--compile=no", "--threads=1"))
   for field in synthetic.FIELDS:
     assert field in r, field
   assert r["impl"] == "torch_hf_clip" and r["threads"] == 1 and r["torch_compile"] is False
