@@ -13,6 +13,7 @@ import pytest
 
 from vlm_jax import config_utils
 from vlm_jax import metrics
+import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -28,7 +29,7 @@ TINY_STEP_ARGS = (f"--config={TINY}", "--steps=2", "--warmup=1", "--peak_tflops=
 def _env():
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["XLA_FLAGS"] = xla_flags.cpu_devices(2)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   return env
 

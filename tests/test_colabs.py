@@ -16,6 +16,7 @@ nbclient = pytest.importorskip("nbclient")
 
 from data_fixtures import shapes_data_dir  # pylint: disable=unused-import,g-bad-import-order
 from train_utils import REPO, TINY
+import xla_flags
 
 COLABS = os.path.join(REPO, "colabs")
 NOTEBOOKS = ("quickstart.ipynb", "evaluate_checkpoint.ipynb")
@@ -43,7 +44,7 @@ def run_notebook(name, parameters: str, cwd: str):
   # Jupyter and Colab (and sys.stderr.fileno() then fails, e.g. in sentencepiece's trainer).
   env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
   # One CPU device, as on a Colab CPU runtime (and it compiles fastest).
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = xla_flags.cpu_devices(1)
   env["JAX_PLATFORMS"] = "cpu"
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"

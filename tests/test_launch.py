@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 SCRIPTS = ("tpu_pod.sh", "gpu_slurm.sh", "local.sh")
@@ -649,7 +651,7 @@ def test_local_trains_tiny_config_for_real(tmp_path):
   """The printed command runs: two steps of the tiny shapes CoCa on 2 simulated CPU devices."""
   workdir = tmp_path / "run"
   env = _clean_env(tmp_path, TFDS_DATA_DIR=str(tmp_path / "tfds"), CUDA_VISIBLE_DEVICES="",
-                   TF_CPP_MIN_LOG_LEVEL="2")
+                   TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=xla_flags.FAST_COMPILE)
   result = subprocess.run(
       ["bash", str(LAUNCH / "local.sh"), "--config", "configs/shapes_coca.py:tiny", "--workdir",
        str(workdir), "--cpu-devices", "2", "--python", sys.executable, "--",

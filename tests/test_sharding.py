@@ -16,6 +16,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs import common
 from vlm_jax import sharding
+import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -321,7 +322,7 @@ def test_two_processes_assemble_one_global_batch(tmp_path):
   procs = []
   for pid in range(2):
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=xla_flags.cpu_devices(2), JAX_PLATFORMS="cpu",
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(pid), PYTHONPATH=REPO)
     procs.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO,

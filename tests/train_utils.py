@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from vlm_jax import config_utils
+import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +53,7 @@ def train_command(kind, workdir, overrides):
 
 def subprocess_env(num_devices=8, **extra):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["XLA_FLAGS"] = xla_flags.cpu_devices(num_devices)
   env["JAX_PLATFORMS"] = "cpu"
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
