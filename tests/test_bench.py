@@ -213,3 +213,60 @@ def test_peer_step_prints_one_json_line():
     assert field in r, field
   assert r["impl"] == "torch_hf_clip" and r["threads"] == 1 and r["torch_compile"] is False
   assert r["samples_per_s"] > 0 and np.isfinite(r["loss"])
+
+
+def test_matmul_floor_reads_every_dot_of_a_lowered_program():
+  import matmul_floor  # pylint: disable=g-import-not-at-top
+  inner = jax.jit(lambda a, b: a @ b)          # lowered as a private function called twice
+
+  def program(a, b, q, k, image, kernel):
+    attn = jnp.einsum("bqhd,bkhd->bhqk", q, k)   # batch dims 0 and 2, not leading in q/k
+    conv = jax.lax.conv_general_dilated(image, kernel, (2, 2), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return inner(a, b) + inner(b, a), attn, conv
+
+  rng = np.random.default_rng(0)
+  args = [rng.standard_normal(s).astype(np.float32) for s in
+          [(6, 6), (6, 6), (2, 5, 3, 4), (2, 7, 3, 4), (1, 8, 8, 3), (2, 2, 3, 4)]]
+  dots, convolutions = matmul_floor.parse_dots(jax.jit(program).lower(*args).as_text())
+  assert convolutions == 1 and len(dots) == 3
+  square = [d for d in dots if d.lhs == (6, 6)]
+  assert len(square) == 2 and square[0].flops == 2 * 6 * 6 * 6
+  (attn,) = [d for d in dots if len(d.lhs) == 4]
+  assert attn.lhs_batch == (0, 2) and attn.rhs_batch == (0, 2)
+  assert attn.lhs_contract == (3,) and attn.rhs_contract == (3,) and attn.dtype == "f32"
+  assert attn.flops == 2 * (2 * 3) * 4 * 5 * 7
+  # The einsum used for the PyTorch timing is the same contraction as the dot_general.
+  want = jax.lax.dot_general(args[2], args[3], ((attn.lhs_contract, attn.rhs_contract),
+                                                (attn.lhs_batch, attn.rhs_batch)))
+  np.testing.assert_allclose(np.einsum(attn.einsum(), args[2], args[3]), want, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_matmul_floor_refuses_a_step_with_loops():
+  import matmul_floor  # pylint: disable=g-import-not-at-top
+  looped = jax.jit(lambda a: jax.lax.fori_loop(0, 3, lambda i, x: x @ a, a))
+  with pytest.raises(ValueError, match="loop"):
+    matmul_floor.parse_dots(looped.lower(np.ones((4, 4), np.float32)).as_text())
+
+
+def test_matmul_floor_script_on_the_tiny_benchmark():
+  r = _json_line(_run_script("matmul_floor.py", f"--config={TINY}", "--repeats=1",
+                             "--min_time=0.001", "--top=3"))
+  assert r["impl"] == "matmul_floor" and r["batch_size"] == 8
+  assert r["dots"] >= r["distinct"] > 0 and len(r["slowest"]) == 3
+  # Forward, input-gradient and weight-gradient dots: three per dense layer, at least.
+  config = config_utils.load_config(TINY)
+  assert r["dots"] >= 3 * 6 * (config.model.image.depth + config.model.text.depth)
+  assert r["convolutions_untimed"] == 2      # patch embedding forward + its weight gradient
+  # The dots' FLOPs and the analytic count (which adds the patch-embedding convolution and
+  # halves causal attention) describe the same model.
+  assert 0.7 < r["matmul_flops_per_step"] / r["analytic_flops_per_step"] < 1.05
+  assert r["xla_floor_s"] > 0
+  assert r["max_samples_per_s_xla"] == pytest.approx(8 / r["xla_floor_s"], rel=1e-3)
+  assert r["xla_floor_gflops"] == pytest.approx(
+      r["matmul_flops_per_step"] / r["xla_floor_s"] / 1e9, rel=1e-3)
+  if r["torch_floor_s"] is not None:          # torch is a test requirement, but optional here
+    assert r["torch_floor_s"] > 0 and r["slowest"][0]["torch_gflops"] > 0
+  totals = [row["xla_ms_total"] for row in r["slowest"]]
+  assert totals == sorted(totals, reverse=True)
