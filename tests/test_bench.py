@@ -2,6 +2,7 @@
 and that the PyTorch peer computes the same model and loss as vlm_jax."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -203,18 +204,6 @@ def test_peer_rejects_a_model_hf_cannot_express():
     peer_step.check_hf_compatible(config.model)
 
 
-@pytest.mark.slow
-def test_peer_step_prints_one_json_line():
-  pytest.importorskip("torch")
-  pytest.importorskip("transformers")
-  r = _json_line(_run_script("peer_step.py", f"--config={TINY}", "--steps=2", "--warmup=1",
-                             "--compile=no", "--threads=1"))
-  for field in synthetic.FIELDS:
-    assert field in r, field
-  assert r["impl"] == "torch_hf_clip" and r["threads"] == 1 and r["torch_compile"] is False
-  assert r["samples_per_s"] > 0 and np.isfinite(r["loss"])
-
-
 def test_matmul_floor_reads_every_dot_of_a_lowered_program():
   import matmul_floor  # pylint: disable=g-import-not-at-top
   inner = jax.jit(lambda a, b: a @ b)          # lowered as a private function called twice
@@ -270,3 +259,31 @@ def test_matmul_floor_script_on_the_tiny_benchmark():
     assert r["torch_floor_s"] > 0 and r["slowest"][0]["torch_gflops"] > 0
   totals = [row["xla_ms_total"] for row in r["slowest"]]
   assert totals == sorted(totals, reverse=True)
+
+
+@pytest.mark.slow
+def test_compare_script_runs_both_then_the_floor_and_summarises(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  script = os.path.join(REPO, "bench", "compare.sh")
+  shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+  if shellcheck:
+    check = subprocess.run([shellcheck, script], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout
+  env = dict(_env(), PYTHON=sys.executable, ROUNDS="1", STEPS="1", WARMUP="1",
+             PEER_COMPILE="no", FLOOR_REPEATS="1", TMPDIR=str(tmp_path))
+  proc = subprocess.run(["bash", script, TINY, "--config.batch_size=4"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in proc.stdout.splitlines() if l.strip()]
+  assert [r.get("impl") for r in rows[:-1]] == ["vlm_jax", "torch_hf_clip", "matmul_floor"]
+  ours, peer, floor, summary = rows
+  for field in synthetic.FIELDS:               # the peer prints the same record as vlm_jax
+    assert field in peer, field
+  assert peer["torch_compile"] is False and peer["batch_size"] == 4
+  assert peer["samples_per_s"] > 0 and np.isfinite(peer["loss"])
+  assert summary["rounds"] == 1 and floor["batch_size"] == 4
+  assert summary["ratio_samples_per_s"] == pytest.approx(
+      ours["samples_per_s"] / peer["samples_per_s"], rel=1e-3)
+  assert summary["ratio_ceiling_at_xla_matmul_floor"] == pytest.approx(
+      floor["max_samples_per_s_xla"] / peer["samples_per_s"], rel=1e-3)
