@@ -17,8 +17,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --no-deps -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-test-nodeps.txt
 	$(PY) -m pip install -r requirements-test.txt
+	$(PY) -m pip install --no-deps -r requirements-test-nodeps.txt
 	touch $@
 
 install: $(VENV)/.installed

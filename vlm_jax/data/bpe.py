@@ -12,14 +12,13 @@ Ids: the 256 byte symbols, the same 256 with the end-of-word marker `</w>`, one 
 49408 ids, bos 49406, eos 49407. Padding is id 0, as in the original (which is also the '!'
 byte symbol; OpenAI CLIP pools at the eos, the largest id, and never masks padding).
 
-Cleaning differs from the reference in one way, on purpose: the reference runs `ftfy.fix_text`
-(mojibake repair, curly quotes to straight ones, ligatures and full-width forms to plain ones,
-NFC), a heavy dependency. Here cleaning is NFC normalisation + HTML unescaping (twice, as the
-reference) + whitespace collapsing + lowercasing, so text that ftfy would change (e.g. `“x”`,
-`ﬁ`, `ｆｕｌｌ`, mojibake such as `cafÃ©`) can tokenise differently; everything else gets
-identical ids. The pre-tokeniser is the reference's regular expression
-(`'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+`, plus the two special-token
-strings) written as a scanner over Unicode categories, so no third-party regex module is needed.
+Cleaning is the reference's: `ftfy.fix_text` (mojibake repair, curly quotes to straight ones,
+ligatures and full-width forms to plain ones, NFC), HTML unescaping twice, whitespace collapsing,
+lowercasing. Without ftfy, text such as `“x”`, `ﬁ`, `ｆｕｌｌ` or `cafÃ©` would get other ids
+than the ones the imported weights were trained on. The pre-tokeniser is the reference's
+regular expression (`'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+`, plus the two
+special-token strings) written as a scanner over Unicode categories, so no third-party regex
+module is needed.
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ import html
 import os
 import unicodedata
 
+import ftfy
 import numpy as np
 
 BOS_TOKEN = "<start_of_text>"
@@ -61,8 +61,9 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def clean_text(text: str) -> str:
-  """NFC, HTML-unescape (twice: captions are often double-escaped), collapse whitespace, lower."""
-  text = unicodedata.normalize("NFC", text)
+  """ftfy (which also NFC-normalises), HTML-unescape (twice: captions are often double-escaped),
+  collapse whitespace, lowercase -- the reference's order."""
+  text = ftfy.fix_text(text)
   text = html.unescape(html.unescape(text))
   return " ".join(text.split()).lower()
 
