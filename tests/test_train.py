@@ -204,6 +204,12 @@ def test_nonfinite_step_is_skipped_and_counted(shapes_data_dir, tokenizer_path):
   assert np.isfinite(float(m["loss"]))
   assert int(state.nonfinite_total) == 1 and int(state.nonfinite_streak) == 0
   assert not tree_equal(jax.device_get(state.params), before)
+  # The optimizer applied one update (its schedule counts only those); the logged learning rate
+  # is the one that update used, not the rate of step 1.
+  counts = [int(c) for _, c in optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")]
+  assert counts and set(counts) == {1}
+  assert float(m["lr"]) == pytest.approx(float(setup.schedule(0)), rel=1e-6)
+  assert float(setup.schedule(0)) != pytest.approx(float(setup.schedule(1)), rel=1e-6)
 
 
 def test_too_many_nonfinite_steps_stop_the_run(shapes_data_dir, tokenizer_path, tmp_path):

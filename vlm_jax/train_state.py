@@ -201,7 +201,10 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
         nonfinite_total=state.nonfinite_total + skipped,
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-    metrics.update(grad_norm=grad_norm, lr=jnp.asarray(schedule(state.step), jnp.float32),
+    # The optimizer's schedule counts the updates it applied: a skipped step keeps its state,
+    # count included. So the rate this step used is at (steps taken - steps skipped).
+    lr = schedule(state.step - state.nonfinite_total)
+    metrics.update(grad_norm=grad_norm, lr=jnp.asarray(lr, jnp.float32),
                    param_norm=optax.global_norm(new_state.params),
                    nonfinite_total=new_state.nonfinite_total.astype(jnp.float32),
                    nonfinite_streak=new_state.nonfinite_streak.astype(jnp.float32))
