@@ -287,3 +287,37 @@ def test_compare_script_runs_both_then_the_floor_and_summarises(tmp_path):
       ours["samples_per_s"] / peer["samples_per_s"], rel=1e-3)
   assert summary["ratio_ceiling_at_xla_matmul_floor"] == pytest.approx(
       floor["max_samples_per_s_xla"] / peer["samples_per_s"], rel=1e-3)
+
+
+def test_option_ab_parses_variants():
+  import option_ab  # pylint: disable=g-import-not-at-top
+  assert option_ab.parse_variant("base") == ("base", {})
+  assert option_ab.parse_variant("v:a=true,b=512,c=0.5,d=x") == (
+      "v", {"a": True, "b": 512, "c": 0.5, "d": "x"})
+  with pytest.raises(ValueError, match="not OPTION=VALUE"):
+    option_ab.parse_variant("v:xla_cpu_enable_fast_math")
+  with pytest.raises(ValueError, match="needs a name"):
+    option_ab.parse_variant(":a=1")
+
+
+def test_option_ab_times_variants_round_robin():
+  r = [json.loads(l) for l in _run_script(
+      "option_ab.py", f"--config={TINY}", "--variant=base",
+      "--variant=conc:xla_cpu_enable_concurrency_optimized_scheduler=true",
+      "--rounds=2", "--steps_per_round=2").splitlines() if l.strip()]
+  assert [x["variant"] for x in r] == ["base", "conc"]
+  assert r[1]["options"] == {"xla_cpu_enable_concurrency_optimized_scheduler": True}
+  assert all(x["steps"] == 4 and 0 < x["min_step_s"] <= x["median_step_s"] for x in r)
+  assert r[0]["speedup"] == 1.0
+  assert r[1]["speedup"] == pytest.approx(r[0]["median_step_s"] / r[1]["median_step_s"],
+                                          rel=1e-3)
+  # The same function on the same state: a scheduling option does not change the loss.
+  assert r[1]["loss"] == pytest.approx(r[0]["loss"], rel=1e-5)
+
+
+def test_option_ab_names_an_option_xla_refuses():
+  import option_ab  # pylint: disable=g-import-not-at-top
+  config = config_utils.load_config(TINY)
+  with pytest.raises(ValueError, match="--variant bad: .*xla_cpu_no_such_option"):
+    option_ab.run(config, [("base", {}), ("bad", {"xla_cpu_no_such_option": True})], rounds=1,
+                  steps_per_round=1)
