@@ -22,6 +22,9 @@ causal attention, which the dots compute in full); `xla_floor_s` /
 `torch_floor_s` and their GFLOP/s; `max_samples_per_s_xla` / `_torch` (batch / floor); `slowest`,
 the dots that take the most time in all (shapes, count, GFLOP/s in each library).
 
+The dots are those of the whole global step (the program before it is split over the mesh),
+timed on one device: a step split evenly over N devices has 1/N of the floor on each.
+
 The step must be a straight line: a config with `model.scan=True` or `grad_accum_steps > 1` runs
 its dots inside loops, which this count cannot multiply, and is refused.
 """
@@ -276,7 +279,7 @@ def run(config, *, repeats: int = 5, min_time: float = 0.05, top: int = 6,
       "torch_floor_s": tor, "torch_floor_gflops": gflops(flops, tor),
       "max_samples_per_s_xla": batch / xla,
       "max_samples_per_s_torch": batch / tor if tor else None,
-      "slowest": slowest, "device": device.device_kind,
+      "slowest": slowest, "device": device.device_kind, "num_devices": jax.device_count(),
       "threads": synthetic.cpu_threads() if device.platform == "cpu" else None,
       "jax": jax.__version__,
   }
