@@ -214,16 +214,10 @@ def time_torch(dot: Dot, repeats: int, min_time: float) -> float:
 
 def lowered_step_text(config) -> str:
   """The trainer's step (same mesh, shardings and jit as `bench/train_step.py`), lowered."""
-  from vlm_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vlm_jax import train  # pylint: disable=g-import-not-at-top
-  m = config.model
-  host = synthetic.make_batch(config.batch_size, m.image.image_size, m.text.context_length,
-                              m.text.vocab_size, 0)
-  setup = train.make_setup(config)
-  state = setup.init_state()
-  batch = sharding.make_global_batch(host, setup.mesh)
+  import train_step  # pylint: disable=g-import-not-at-top
+  setup, state, step_fn, _, batch = train_step.build_with_batch(config)
   with setup.context():
-    return setup.make_step().lower(state, batch).as_text()
+    return step_fn.lower(state, batch).as_text()
 
 
 def _torch_available() -> bool:

@@ -78,8 +78,7 @@ def run(config, variants: list[tuple[str, dict]], *, rounds: int = 6, steps_per_
   """Compiles and times every variant; returns one record per variant (not printed)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vlm_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vlm_jax import train  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top
   if not variants:
     raise ValueError("give at least one --variant (the first one is the baseline)")
   names = [n for n, _ in variants]
@@ -87,14 +86,9 @@ def run(config, variants: list[tuple[str, dict]], *, rounds: int = 6, steps_per_
     raise ValueError(f"--variant names must differ, got {names}")
   if rounds < 1 or steps_per_round < 1:
     raise ValueError(f"--rounds={rounds} and --steps_per_round={steps_per_round} must be >= 1")
-  m = config.model
-  host = synthetic.make_batch(config.batch_size, m.image.image_size, m.text.context_length,
-                              m.text.vocab_size, seed)
-  setup = train.make_setup(config)
-  state = setup.init_state()
-  batch = sharding.make_global_batch(host, setup.mesh)
+  setup, state, step_fn, _, batch = train_step.build_with_batch(config, seed)
   with setup.context():
-    lowered = setup.make_step().lower(state, batch)
+    lowered = step_fn.lower(state, batch)
     executables, compile_s = {}, {}
     for name, options in variants:
       t0 = time.perf_counter()

@@ -163,8 +163,7 @@ def run(config, *, steps: int, warmup: int, compile_mode: str = "auto", threads:
   torch.manual_seed(seed)
 
   m = config.model
-  host = synthetic.make_batch(config.batch_size, m.image.image_size, m.text.context_length,
-                              m.text.vocab_size, seed)
+  host = synthetic.config_batch(config, seed)
   pixel_values = torch.from_numpy(host["image"].transpose(0, 3, 1, 2).copy())
   input_ids = torch.from_numpy(host["text"].astype("int64"))
   attention_mask = (input_ids != int(m.text.pad_id)).long()

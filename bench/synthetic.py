@@ -40,6 +40,13 @@ def make_batch(batch_size: int, image_size: int, context_length: int, vocab_size
   return {"image": image, "text": text}
 
 
+def config_batch(config, seed: int = 0) -> dict:
+  """`make_batch` at the sizes of a benchmark config (batch, image size, context, vocabulary)."""
+  m = config.model
+  return make_batch(config.batch_size, m.image.image_size, m.text.context_length,
+                    m.text.vocab_size, seed)
+
+
 def eos_id(vocab_size: int) -> int:
   return vocab_size - 1
 

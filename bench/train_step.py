@@ -64,6 +64,13 @@ def device_batch(setup, host_batch):
   return sharding.make_global_batch(host_batch, setup.mesh)
 
 
+def build_with_batch(config, seed: int = 0):
+  """(setup, state, step_fn, host batch, device batch): everything a benchmark of the step needs."""
+  host = synthetic.config_batch(config, seed)
+  setup, state, step_fn = build(config)
+  return setup, state, step_fn, host, device_batch(setup, host)
+
+
 # ------------------------------------------------------------------------------------------------
 # Peak FLOP/s and memory.
 
@@ -139,10 +146,7 @@ def run(config, *, steps: int, warmup: int, input_mode: str = "device",
     raise ValueError(f"--steps={steps} and --warmup={warmup} must both be >= 1 (the first "
                      "warm-up step compiles)")
   m = config.model
-  host = synthetic.make_batch(config.batch_size, m.image.image_size, m.text.context_length,
-                              m.text.vocab_size, seed)
-  setup, state, step_fn = build(config)
-  batch = device_batch(setup, host)
+  setup, state, step_fn, host, batch = build_with_batch(config, seed)
 
   with setup.context():
     t0 = time.perf_counter()
