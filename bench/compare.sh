@@ -9,6 +9,7 @@
 #   ROUNDS=5 STEPS=10 WARMUP=3 bash bench/compare.sh configs/bench_cpu_clip.py
 #   PEER_COMPILE=no bash bench/compare.sh                  # eager PyTorch (default: auto)
 #   FLOOR=no bash bench/compare.sh                         # skip the matmul floor
+#   FLOOR_REPEATS=1 bash bench/compare.sh                  # quicker floor (default 5 timings)
 #
 # Extra arguments after the config go to every script (e.g. --config.batch_size=32).
 set -euo pipefail
