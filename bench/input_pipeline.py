@@ -19,9 +19,12 @@ import time
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, REPO)
 
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlm_jax import config_defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlm_jax import config_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlm_jax.data import ops  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vlm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 
@@ -77,16 +80,15 @@ def main():
       + ["a small red circle in the top left.", "two blue squares."], None, vocab_size=128)
 
   if not args.skip_shapes:
-    from configs import shapes_coca  # pylint: disable=g-import-not-at-top
     from vlm_jax.data import shapes  # pylint: disable=g-import-not-at-top
-    config = shapes_coca.get_config(args.shapes)
+    config = config_utils.load_config(os.path.join(REPO, f"configs/shapes_coca.py:{args.shapes}"))
     config.data.data_dir = args.data_dir
     config.data.read_threads = args.threads
     config.data.worker_count = args.workers
     t0 = time.perf_counter()
     shapes.prepare(args.shapes, args.data_dir)
     print(f"shapes/{args.shapes}: prepared/checked in {time.perf_counter() - t0:.1f}s")
-    it = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1,
+    it = pipeline.make_train_iterator(config.data, [ops.Caption(tok, 24)],
                                       batch_size=args.batch_size)
     ips, dt = measure(it, args.batch_size, args.batches)
     it.close()
@@ -99,11 +101,11 @@ def main():
       t0 = time.perf_counter()
       write_jpeg_shards(folder, args.wds_images, per_shard=256)
       print(f"wds: wrote {args.wds_images} 224px JPEGs in {time.perf_counter() - t0:.1f}s")
-      data = common.data_config("wds", image_size=224)
-      data.train_shards = os.path.join(folder, "*.tar")
-      data.read_threads = args.threads
-      it = pipeline.make_train_iterator(data, tok, process_index=0, process_count=1,
-                                        batch_size=args.batch_size, context_length=32)
+      data = config_defaults.data_config()
+      data.update(source="wds", image_size=224, train_shards=os.path.join(folder, "*.tar"),
+                  read_threads=args.threads)
+      it = pipeline.make_train_iterator(data, [ops.Caption(tok, 32)],
+                                        batch_size=args.batch_size)
       ips, dt = measure(it, args.batch_size, args.batches)
       it.close()
       print(f"wds 224px JPEG train (random-resized crop): {ips:,.0f} images/s per process "

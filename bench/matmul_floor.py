@@ -16,7 +16,7 @@ them inside the step) and with `torch_floor_s` (how the two matmul libraries com
 these shapes).
 
 One JSON line: `dots` (matmuls per step) and `distinct`; `matmul_flops_per_step` (from the dots)
-next to `analytic_flops_per_step` (`vlm_jax.metrics`, what MFU uses; it also counts the patch
+next to `analytic_flops_per_step` (the task's count, what MFU uses; it also counts the patch
 embedding, a convolution that is counted in `convolutions_untimed` but not timed, and halves
 causal attention, which the dots compute in full); `xla_floor_s` /
 `torch_floor_s` and their GFLOP/s; `max_samples_per_s_xla` / `_torch` (batch / floor); `slowest`,
@@ -40,20 +40,18 @@ import time
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlm_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def define_flags() -> dict:
   """Command-line flags (defined only when run as a script, so that tests can import this
   module next to the other benchmark scripts)."""
   return dict(
-      config=config_flags.DEFINE_config_file("config", None, "Benchmark config: path.py[:arg]",
-                                             lock_config=True),
       repeats=flags.DEFINE_integer("repeats", 5, "Timings per dot; the best one counts."),
       min_time=flags.DEFINE_float("min_time", 0.05,
                                   "Seconds each timing runs at least (calls are repeated)."),
@@ -215,8 +213,8 @@ def time_torch(dot: Dot, repeats: int, min_time: float) -> float:
 def lowered_step_text(config) -> str:
   """The trainer's step (same mesh, shardings and jit as `bench/train_step.py`), lowered."""
   import train_step  # pylint: disable=g-import-not-at-top
-  setup, state, step_fn, _, batch = train_step.build_with_batch(config)
-  with setup.context():
+  rt, state, step_fn, _, batch = train_step.build_with_batch(config)
+  with rt.context():
     return step_fn.lower(state, batch).as_text()
 
 
@@ -232,7 +230,7 @@ def run(config, *, repeats: int = 5, min_time: float = 0.05, top: int = 6,
         with_torch: bool = True, config_name: str = "") -> dict:
   """Parses the step's dots and times them; returns the JSON record (not printed)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vlm_jax import metrics  # pylint: disable=g-import-not-at-top
+  from vlm_jax import tasks  # pylint: disable=g-import-not-at-top
   if repeats < 1 or min_time <= 0:
     raise ValueError(f"--repeats={repeats} must be >= 1 and --min_time={min_time} > 0")
   dots, convolutions = parse_dots(lowered_step_text(config))
@@ -268,7 +266,7 @@ def run(config, *, repeats: int = 5, min_time: float = 0.05, top: int = 6,
       "impl": "matmul_floor", "config": config_name, "batch_size": batch,
       "dots": len(dots), "distinct": len(counts), "convolutions_untimed": convolutions,
       "matmul_flops_per_step": flops,
-      "analytic_flops_per_step": metrics.train_flops_per_example(config) * batch,
+      "analytic_flops_per_step": tasks.get(config.task).train_flops_per_example(config) * batch,
       "xla_floor_s": xla, "xla_floor_gflops": gflops(flops, xla),
       "torch_floor_s": tor, "torch_floor_gflops": gflops(flops, tor),
       "max_samples_per_s_xla": batch / xla,
@@ -283,6 +281,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = {k: v.value for k, v in _FLAGS.items()}
+  f["config"] = cli.load_config()
   record = run(f["config"], repeats=f["repeats"], min_time=f["min_time"], top=f["top"],
                with_torch=f["torch"], config_name=synthetic.config_spec(sys.argv))
   synthetic.emit(record)
@@ -290,5 +289,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _FLAGS = define_flags()
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -32,13 +32,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlm_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def define_flags() -> dict:
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   return dict(
-      config=config_flags.DEFINE_config_file("config", None, "Benchmark config: path.py[:arg]",
-                                             lock_config=True),
       variant=flags.DEFINE_multi_string(
           "variant", None, "NAME[:OPTION=VALUE,...]; the first is the baseline (may be bare)."),
       rounds=flags.DEFINE_integer("rounds", 6, "Round-robin rounds (one untimed round first)."),
@@ -86,8 +84,8 @@ def run(config, variants: list[tuple[str, dict]], *, rounds: int = 6, steps_per_
     raise ValueError(f"--variant names must differ, got {names}")
   if rounds < 1 or steps_per_round < 1:
     raise ValueError(f"--rounds={rounds} and --steps_per_round={steps_per_round} must be >= 1")
-  setup, state, step_fn, _, batch = train_step.build_with_batch(config, seed)
-  with setup.context():
+  rt, state, step_fn, _, batch = train_step.build_with_batch(config, seed)
+  with rt.context():
     lowered = step_fn.lower(state, batch)
     executables, compile_s = {}, {}
     for name, options in variants:
@@ -128,6 +126,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = {k: v.value for k, v in _FLAGS.items()}
+  f["config"] = cli.load_config()
   variants = [parse_variant(v) for v in (f["variant"] or [])]
   for record in run(f["config"], variants, rounds=f["rounds"],
                     steps_per_round=f["steps_per_round"], seed=f["seed"],
@@ -137,5 +136,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _FLAGS = define_flags()
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

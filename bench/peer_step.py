@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlm_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def define_flags() -> dict:
@@ -52,20 +53,11 @@ def define_flags() -> dict:
           "flush_denormal", True, "Flush denormal floats to zero, as XLA's CPU runtime does."))
 
 
-def _vit_sizes(image_cfg) -> dict:
-  from vlm_jax.models.vit import parse_variant  # pylint: disable=g-import-not-at-top
-  sizes = parse_variant(image_cfg.variant)
-  for key in ("width", "depth", "num_heads", "mlp_dim"):
-    if image_cfg.get(key) is not None:
-      sizes[key] = int(image_cfg[key])
-  return sizes
-
-
 def check_hf_compatible(model_cfg):
   """Raises ValueError naming the field when HF CLIPModel cannot compute the same model."""
   i, t = model_cfg.image, model_cfg.text
   required = [
-      ("model.kind", model_cfg.kind, "clip"), ("model.image.class_token", i.class_token, True),
+      ("model.image.class_token", i.class_token, True),
       ("model.image.ln_pre", i.ln_pre, True), ("model.image.pool", i.pool, "cls"),
       ("model.image.posemb", i.posemb, "learn"), ("model.image.patch_bias", i.patch_bias, False),
       ("model.image.use_bias", i.use_bias, True), ("model.text.causal", t.causal, True),
@@ -91,7 +83,8 @@ def hf_config(model_cfg):
   import transformers  # pylint: disable=g-import-not-at-top
   check_hf_compatible(model_cfg)
   i, t = model_cfg.image, model_cfg.text
-  v = _vit_sizes(i)
+  from vlm_jax.models import vit  # pylint: disable=g-import-not-at-top
+  v = vit.sizes(i)
   vision = dict(hidden_size=v["width"], intermediate_size=v["mlp_dim"],
                 num_hidden_layers=v["depth"], num_attention_heads=v["num_heads"],
                 image_size=int(i.image_size), patch_size=v["patch_size"], num_channels=3,
@@ -151,9 +144,12 @@ def run(config, *, steps: int, warmup: int, compile_mode: str = "auto", threads:
         seed: int = 0, config_name: str = "", flush_denormal: bool = True) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from vlm_jax import metrics  # pylint: disable=g-import-not-at-top
+  from vlm_jax import tasks  # pylint: disable=g-import-not-at-top
   if steps < 1 or warmup < 1:
     raise ValueError(f"--steps={steps} and --warmup={warmup} must both be >= 1")
+  if config.task != "contrastive" or config.loss.contrastive != "softmax":
+    raise ValueError(f"task={config.task!r}, loss.contrastive={config.loss.get('contrastive')!r}:"
+                     " the Hugging Face CLIPModel peer trains the softmax contrastive task only")
   if config.model.dtype not in ("float32", "auto"):
     raise ValueError(f"model.dtype={config.model.dtype!r}: the CPU peer runs float32 only")
   threads = threads or synthetic.cpu_threads()
@@ -209,7 +205,7 @@ def run(config, *, steps: int, warmup: int, compile_mode: str = "auto", threads:
     times.append(time.perf_counter() - t0)
     cpu_times.append(time.process_time() - c0)
 
-  flops = metrics.train_flops_per_example(config)
+  flops = tasks.get(config.task).train_flops_per_example(config)
   peak = measure_cpu_matmul_peak()
   record = {"impl": "torch_hf_clip", "config": config_name, "batch_size": int(config.batch_size),
             "steps": steps, "warmup": warmup}
@@ -231,6 +227,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = {k: v.value for k, v in _FLAGS.items()}
+  f["config"] = cli.load_config()
   record = run(f["config"], steps=f["steps"], warmup=f["warmup"], compile_mode=f["compile"],
                threads=f["threads"], seed=f["seed"], config_name=synthetic.config_spec(sys.argv),
                flush_denormal=f["flush_denormal"])
@@ -239,5 +236,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _FLAGS = define_flags()
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -9,7 +9,6 @@ import resource
 import statistics
 
 from absl import flags
-from ml_collections import config_flags
 import numpy as np
 
 BOS_ID = 1
@@ -107,11 +106,10 @@ def emit(record: dict) -> str:
 
 
 def define_common_flags(warmup_help: str) -> dict:
-  """The flags both benchmark scripts take (config, steps, warmup, seed), so that the two
-  measure the same thing in the same way."""
+  """The flags both benchmark scripts take (steps, warmup, seed; the config comes with
+  `--config path.py[:arg]` and its `--config.field=value` overrides, see `vlm_jax.cli`), so that
+  the two measure the same thing in the same way."""
   return dict(
-      config=config_flags.DEFINE_config_file("config", None, "Benchmark config: path.py[:arg]",
-                                             lock_config=True),
       steps=flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported)."),
       warmup=flags.DEFINE_integer("warmup", 3, warmup_help),
       seed=flags.DEFINE_integer("seed", 0, "Seed of the synthetic batch."))

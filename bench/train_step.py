@@ -3,7 +3,7 @@ r"""Train-step throughput, TFLOP/s, MFU and peak memory of vlm_jax, as one JSON 
   python bench/train_step.py --config configs/bench_cpu_clip.py [--steps 10 --warmup 3]
   python bench/train_step.py --config configs/bench_vit_b16_clip.py --config.batch_size=512
 
-The step is the trainer's own (`vlm_jax.train.make_setup(...).make_step()`: jitted, state
+The step is the trainer's own (`vlm_jax.runtime.Runtime.create(...).make_step()`: jitted, state
 donated, sharded by `config.mesh`), fed one fixed synthetic batch that already lives on the
 devices, so the number is the step itself; `--input=host` instead transfers a host batch every
 step (what the trainer's prefetcher hides behind the previous step).
@@ -11,7 +11,7 @@ step (what the trainer's prefetcher hides behind the previous step).
 Fields: samples/s and step time are from the median of `--steps` individually timed steps after
 `--warmup` steps (the first one compiles). TFLOP/s per device = samples/s x training FLOPs per
 example / devices, with FLOPs counted analytically from the config (3 x forward matmul FLOPs,
-causal attention halved; `vlm_jax.metrics.train_flops_per_example`). MFU divides that by the
+causal attention halved; the task's `train_flops_per_example`). MFU divides that by the
 device's peak: the bf16 data-sheet peak for TPUs / GPUs (`vlm_jax.metrics.PEAK_FLOPS`), and on CPU
 a large float32 matmul measured in this process on all its cores (so CPU MFU is relative to what
 XLA's matmul reaches here, not to a data sheet). Peak memory: the device allocator's peak when it
@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlm_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def define_flags() -> dict:
@@ -53,22 +54,23 @@ def define_flags() -> dict:
 
 
 def build(config):
-  """(setup, state, step_fn) from the trainer: the same mesh, optimizer, shardings and jit."""
-  from vlm_jax import train  # pylint: disable=g-import-not-at-top
-  setup = train.make_setup(config)
-  return setup, setup.init_state(), setup.make_step()
+  """(runtime, state, step_fn) from the trainer: the same mesh, optimizer, shardings and jit."""
+  from vlm_jax import runtime  # pylint: disable=g-import-not-at-top
+  rt = runtime.Runtime.create(config)
+  return rt, rt.init_state(), rt.make_step()
 
 
-def device_batch(setup, host_batch):
+def device_batch(rt, host_batch):
   from vlm_jax import sharding  # pylint: disable=g-import-not-at-top
-  return sharding.make_global_batch(host_batch, setup.mesh)
+  return sharding.make_global_batch(host_batch, rt.mesh)
 
 
 def build_with_batch(config, seed: int = 0):
-  """(setup, state, step_fn, host batch, device batch): everything a benchmark of the step needs."""
+  """(runtime, state, step_fn, host batch, device batch): everything a benchmark of the step
+  needs."""
   host = synthetic.config_batch(config, seed)
-  setup, state, step_fn = build(config)
-  return setup, state, step_fn, host, device_batch(setup, host)
+  rt, state, step_fn = build(config)
+  return rt, state, step_fn, host, device_batch(rt, host)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,9 +148,9 @@ def run(config, *, steps: int, warmup: int, input_mode: str = "device",
     raise ValueError(f"--steps={steps} and --warmup={warmup} must both be >= 1 (the first "
                      "warm-up step compiles)")
   m = config.model
-  setup, state, step_fn, host, batch = build_with_batch(config, seed)
+  rt, state, step_fn, host, batch = build_with_batch(config, seed)
 
-  with setup.context():
+  with rt.context():
     t0 = time.perf_counter()
     state, out = step_fn(state, batch)
     jax.block_until_ready((state, out))
@@ -160,7 +162,7 @@ def run(config, *, steps: int, warmup: int, input_mode: str = "device",
     times, cpu_times = [], []
     for _ in range(steps):
       t0, c0 = time.perf_counter(), time.process_time()
-      b = device_batch(setup, host) if input_mode == "host" else batch
+      b = device_batch(rt, host) if input_mode == "host" else batch
       state, out = step_fn(state, b)
       jax.block_until_ready((state, out))
       times.append(time.perf_counter() - t0)
@@ -174,7 +176,7 @@ def run(config, *, steps: int, warmup: int, input_mode: str = "device",
             state, out = step_fn(state, batch)
         jax.block_until_ready((state, out))
 
-  flops = metrics.train_flops_per_example(config)
+  flops = rt.task.train_flops_per_example(config)
   peak, peak_source = peak_flops_per_device(peak_tflops)
   mem, mem_source = peak_memory()
   device = jax.devices()[0]
@@ -196,6 +198,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = {k: v.value for k, v in _FLAGS.items()}
+  f["config"] = cli.load_config()
   record = run(f["config"], steps=f["steps"], warmup=f["warmup"], input_mode=f["input"],
                peak_tflops=f["peak"], profile_dir=f["profile_dir"], seed=f["seed"],
                config_name=synthetic.config_spec(sys.argv))
@@ -204,5 +207,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _FLAGS = define_flags()
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -12,44 +12,36 @@ Face `CLIPModel` peer computes exactly the same function; both use exact GELU.
 
 arg: 'tiny' shrinks every size (tests).
 """
-from configs import common
+import ml_collections
 
 
 def get_config(arg=None):
-  config = common.ml_collections.ConfigDict()
-  config.model = common.model_config("clip", embed_dim=256)
-  m = config.model
-  m.image = common.vit_config("S/8", image_size=64, pool="cls")
-  m.image.width, m.image.depth, m.image.num_heads, m.image.mlp_dim = 256, 6, 4, 1024
-  m.image.class_token = True
-  m.image.ln_pre = True
-  m.image.patch_bias = False
-  m.image.ln_eps = 1e-5
-  m.text = common.text_config(vocab_size=8192, context_length=32, width=256, depth=6,
-                              num_heads=4, mlp_dim=1024)
-  m.text.pool = "eos"
-  m.text.ln_eps = 1e-5
-  m.dtype = "float32"
-  config.loss = common.loss_config("clip")
-  config.mesh = common.mesh_config()
-  config.sharding_rules = common.sharding_rules()
-  config.update(common.train_config(total_steps=1000, batch_size=64, lr=1e-4, warmup_steps=0))
-  config.schedule.kind = "constant"
-  config.optim.grad_clip_norm = 0.0
-  config.progress_bar = False
-  if arg == "tiny":
-    shrink(config)
-  elif arg:
+  if arg not in (None, "", "tiny"):
     raise ValueError(f"configs/bench_cpu_clip.py: unknown arg {arg!r}; expected 'tiny' or none")
-  return config
+  c = ml_collections.ConfigDict()
+  c.task = "contrastive"
+  c.model = dict(
+      embed_dim=256, dtype="float32",
+      image=dict(name="vit", variant="S/8", image_size=64, pool="cls", width=256, depth=6,
+                 num_heads=4, mlp_dim=1024, class_token=True, ln_pre=True, patch_bias=False,
+                 ln_eps=1e-5),
+      text=dict(name="transformer", vocab_size=8192, context_length=32, width=256, depth=6,
+                num_heads=4, mlp_dim=1024, pool="eos", ln_eps=1e-5))
+  c.loss = dict(contrastive="softmax")
+  c.total_steps = 1000
+  c.batch_size = 64
+  c.optim = dict(lr=1e-4, grad_clip_norm=0.0)
+  c.schedule = dict(kind="constant", warmup_steps=0)
+  c.progress_bar = False
+  if arg == "tiny":
+    shrink(c)
+  return c
 
 
-def shrink(config):
+def shrink(c):
   """Tiny sizes of the same model (tests of the benchmark scripts)."""
-  m = config.model
+  m = c.model
   m.embed_dim = 32
-  m.image.image_size = 16
-  m.image.width, m.image.depth, m.image.num_heads, m.image.mlp_dim = 32, 1, 2, 64
-  m.text.vocab_size, m.text.context_length = 64, 8
-  m.text.width, m.text.depth, m.text.num_heads, m.text.mlp_dim = 32, 1, 2, 64
-  config.batch_size = 8
+  m.image.update(image_size=16, width=32, depth=1, num_heads=2, mlp_dim=64)
+  m.text.update(vocab_size=64, context_length=8, width=32, depth=1, num_heads=2, mlp_dim=64)
+  c.batch_size = 8

@@ -1,9 +1,9 @@
-"""A tiny CLIP two-tower model on the embedded `shapes` dataset (CPU-sized); see shapes_coca.py.
+"""A tiny CLIP two-tower model on the embedded `shapes` dataset (CPU-sized); see shapes_common.py.
 
-arg: 'demo' (default) or 'tiny'.
+Softmax contrastive loss, causal text tower. arg: 'demo' (default) or 'tiny'.
 """
-from configs import shapes_coca
+from . import shapes_common
 
 
 def get_config(arg=None):
-  return shapes_coca.shapes_config("clip", arg)
+  return shapes_common.add_text_tower(shapes_common.shapes_config("contrastive", arg))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from vlm_jax import config_utils
+from vlm_jax import tasks
 from vlm_jax import metrics
 import xla_flags
 
@@ -61,7 +62,7 @@ def test_train_step_prints_one_json_line():
   assert r["peak_source"] == "flag" and r["peak_tflops_per_device"] == pytest.approx(0.5)
   assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.5, rel=1e-3)
   config = config_utils.load_config(TINY, {"batch_size": 4})
-  assert r["flops_per_example"] == pytest.approx(metrics.train_flops_per_example(config))
+  assert r["flops_per_example"] == pytest.approx(flops_per_example(config))
   assert r["peak_memory_bytes"] > 0 and np.isfinite(r["loss"])
 
 
@@ -111,28 +112,32 @@ def _flops_config(causal):
       "model.text.causal": causal, "model.embed_dim": 64, "batch_size": 8})
 
 
+def flops_per_example(config):
+  return tasks.get(config.task).train_flops_per_example(config)
+
+
 def test_analytic_flops_match_xla_cost_analysis():
-  from vlm_jax import train  # pylint: disable=g-import-not-at-top
+  from vlm_jax import runtime  # pylint: disable=g-import-not-at-top
   # XLA computes causal attention in full (masked), so compare with the bidirectional text tower.
   config = _flops_config(causal=False)
-  setup = train.make_setup(config, devices=jax.devices()[:1])
+  rt = runtime.Runtime.create(config, devices=jax.devices()[:1])
   host = synthetic.make_batch(8, 32, 16, 64)
-  with setup.context():
-    step = setup.make_step()
+  with rt.context():
+    step = rt.make_step()
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
-    compiled = step.lower(setup.abstract_state, abstract_batch).compile()
+    compiled = step.lower(rt.abstract_state, abstract_batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla = float(cost["flops"])
-  analytic = metrics.train_flops_per_example(config) * config.batch_size
+  analytic = flops_per_example(config) * config.batch_size
   # XLA's count includes the non-matmul work, so it is a bit larger; the analytic one must not
   # be larger than XLA's and must account for most of it.
   assert 0.85 * xla <= analytic <= 1.02 * xla, (analytic, xla, analytic / xla)
 
 
 def test_causal_attention_is_counted_at_half():
-  full = metrics.train_flops_per_example(_flops_config(causal=False))
-  causal = metrics.train_flops_per_example(_flops_config(causal=True))
+  full = flops_per_example(_flops_config(causal=False))
+  causal = flops_per_example(_flops_config(causal=True))
   depth, length, width = 2, 16, 128
   attention = 3 * depth * 2 * 2 * length * length * width    # 3 x (QK^T + AV), per example
   assert full - causal == pytest.approx(attention / 2)
@@ -173,9 +178,8 @@ def test_peer_computes_the_same_loss_as_vlm_jax():
   pytest.importorskip("transformers")
   import transformers  # pylint: disable=g-import-not-at-top
   import peer_step  # pylint: disable=g-import-not-at-top
-  from vlm_jax import convert, losses  # pylint: disable=g-import-not-at-top
+  from vlm_jax import convert  # pylint: disable=g-import-not-at-top
   from vlm_jax.convert import configs as convert_configs  # pylint: disable=g-import-not-at-top
-  from vlm_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
   config = config_utils.load_config(TINY)
   m = config.model
@@ -191,9 +195,10 @@ def test_peer_computes_the_same_loss_as_vlm_jax():
   state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
   arch = convert_configs.arch_from_hf_config(hf_cfg.to_dict())
   params = convert.convert_state(state, "hf", arch)
-  out = build_model(m).apply({"params": jax.tree.map(jnp.asarray, params)}, host["image"],
-                             host["text"])
-  got, _ = losses.total_loss(out, host["text"], config.loss, 0)
+  task = tasks.get(config.task)
+  model = task.build_model(config)
+  out = model.apply({"params": jax.tree.map(jnp.asarray, params)}, host["image"], host["text"])
+  got, _ = task.objective(config, model).loss(out, host)
   assert float(got) == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 

@@ -9,34 +9,27 @@ import jax
 import numpy as np
 import pytest
 
-from train_utils import REPO, subprocess_env, tree_equal
+from train_utils import REPO, subprocess_env, tiny_overrides, tree_equal
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import config_utils
-from vlm_jax import train
-
-TINY = {"model.embed_dim": 32, "model.image.width": 32, "model.image.depth": 1,
-        "model.image.num_heads": 2, "model.image.mlp_dim": 64, "model.text.width": 32,
-        "model.text.depth": 1, "model.text.num_heads": 2, "model.text.mlp_dim": 64,
-        "model.decoder.width": 32, "model.decoder.depth": 1, "model.decoder.num_heads": 2,
-        "model.decoder.mlp_dim": 64, "batch_size": 16}
-
+from vlm_jax import runtime
 
 def cfg(kind="coca", **mesh_and_more):
-  o = dict(TINY)
+  o = tiny_overrides(None, kind=kind)
   o.update({k.replace("__", "."): v for k, v in mesh_and_more.items()})
   return config_utils.load_config(os.path.join(REPO, f"configs/shapes_{kind}.py:tiny"), o)
 
 
 def test_data8_checkpoint_restores_on_fsdp8_and_one_device(tmp_path):
-  setup = train.make_setup(cfg(mesh__data=8))
-  state = setup.init_state()
+  rt = runtime.Runtime.create(cfg(mesh__data=8))
+  state = rt.init_state()
   ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=True)
   ck.save(5, state, {"position": 3}, {"config": "{}"})
   ck.close()
   want = jax.device_get(state)
 
   ck = ckpt_lib.Checkpointer(str(tmp_path))
-  fsdp = train.make_setup(cfg(mesh__data=1, mesh__fsdp=8))
+  fsdp = runtime.Runtime.create(cfg(mesh__data=1, mesh__fsdp=8))
   restored, data_state, meta = ck.restore(None, fsdp.abstract_state)
   assert data_state == {"position": 3} and meta == {"config": "{}"}
   assert tree_equal(jax.device_get(restored), want)
@@ -44,7 +37,7 @@ def test_data8_checkpoint_restores_on_fsdp8_and_one_device(tmp_path):
   assert kernel.sharding.spec == fsdp.state_shardings.params["text_projection"]["kernel"].spec
   assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // 8
 
-  one = train.make_setup(cfg(mesh__data=1), devices=jax.devices()[:1])
+  one = runtime.Runtime.create(cfg(mesh__data=1), devices=jax.devices()[:1])
   restored1, _, _ = ck.restore(5, one.abstract_state)
   assert tree_equal(jax.device_get(restored1), want)
   assert len(restored1.params["text_projection"]["kernel"].devices()) == 1
@@ -93,14 +86,14 @@ def test_sigkill_during_save_keeps_latest_checkpoint_valid(tmp_path):
 
 
 def test_init_from_reports_missing_and_mismatched(tmp_path):
-  clip = train.make_setup(cfg("clip"))
+  clip = runtime.Runtime.create(cfg("clip"))
   state = clip.init_state()
   ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
   ck.save(1, state, {}, {})
   ck.close()
 
   ck = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
-  coca = train.make_setup(cfg("coca"))
+  coca = runtime.Runtime.create(cfg("coca"))
   loaded, messages = ck.restore_params(None, coca.abstract_state.params)
   assert "text_projection/kernel" in loaded
   np.testing.assert_array_equal(loaded["text_projection/kernel"],
@@ -108,7 +101,7 @@ def test_init_from_reports_missing_and_mismatched(tmp_path):
   assert any("missing in checkpoint" in m and m.split(": ")[-1].startswith("decoder/")
              for m in messages)
 
-  wide = train.make_setup(cfg("clip", model__embed_dim=48))
+  wide = runtime.Runtime.create(cfg("clip", model__embed_dim=48))
   with pytest.raises(ValueError, match=r"shape mismatch for .*text_projection/kernel.*\(32, 32\)"):
     ck.restore_params(None, wide.abstract_state.params)
   loaded, messages = ck.restore_params(None, wide.abstract_state.params, skip="projection")

@@ -15,7 +15,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 from data_fixtures import shapes_data_dir  # pylint: disable=unused-import,g-bad-import-order
-from train_utils import REPO, TINY
+from train_utils import REPO, tiny_overrides
 import xla_flags
 
 COLABS = os.path.join(REPO, "colabs")
@@ -115,8 +115,7 @@ def test_notebooks_call_the_library(name):
 
 
 def _tiny_overrides(data_dir):
-  o = dict(TINY)
-  o["data.data_dir"] = data_dir
+  o = tiny_overrides(data_dir)
   o["evals.run"] = "zeroshot"          # the cheap one: the notebook prints eval metrics
   return o
 

@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,wrong-impo
 from vlm_jax import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
 from vlm_jax import config_utils  # pylint: disable=wrong-import-position
 from vlm_jax import convert  # pylint: disable=wrong-import-position
-from vlm_jax import models  # pylint: disable=wrong-import-position
+from vlm_jax import tasks  # pylint: disable=wrong-import-position
 from vlm_jax.convert import common  # pylint: disable=wrong-import-position
 from data_fixtures import shapes_data_dir  # pylint: disable=unused-import,wrong-import-position
 
@@ -141,7 +141,7 @@ def load_converted(out_dir):
   """(config, model, params) from a converted workdir: config.json + the Orbax 'state' item."""
   with open(os.path.join(out_dir, "config.json")) as f:
     config = config_utils.config_from_json(f.read())
-  model = models.build_model(config.model)
+  model = tasks.get(config.task).build_model(config)
   state = ocp.PyTreeCheckpointer().restore(os.path.join(out_dir, "checkpoints", "0", "state"))
   assert int(state["step"]) == 0
   return config, model, jax.tree.map(np.asarray, state["params"])
@@ -252,7 +252,7 @@ def test_pad_id_zero_would_break_parity(one_reference):
   config, _, params = load_converted(converted["hf"])
   images, text = random_inputs()
   config.model.text.pad_id = 0
-  masked = models.build_model(config.model)
+  masked = tasks.get(config.task).build_model(config)
   _, text_embed, _ = our_outputs(masked, params, images, text)
   _, ref_text, _ = hf_outputs(model, images, text)
   assert np.max(np.abs(text_embed[0] - ref_text[0])) > 1e-3    # row 0 holds an id 0
@@ -473,9 +473,9 @@ def test_named_models():
       (49408, 77, "eos", True)
   assert config.tokenizer.kind == "bpe"
   # The full-size model builds (shapes only) from the written config.
-  model = models.build_model(m)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)),
-                                             jnp.zeros((1, 77), jnp.int32)))
+  task = tasks.get(config.task)
+  model = task.build_model(config)
+  shapes = jax.eval_shape(lambda: task.init_params(model, config, jax.random.key(0)))
   n = sum(math.prod(x.shape) for x in jax.tree.leaves(flax.linen.unbox(shapes)))
   assert 149_000_000 < n < 150_000_000    # ViT-B/16 CLIP: 149.6M parameters
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax.evals import decode
+from vlm_jax import decoding as decode
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB, HIDDEN = 6, 8

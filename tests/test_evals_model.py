@@ -3,7 +3,8 @@
 Checks: KV-cache decoding of the real decoder equals full recomputation; `run_evals` produces
 every metric, counts each test example exactly once with a padded last batch, gives the same
 numbers on an 8-device mesh as on one device, agrees with a direct un-sharded computation of
-zero-shot accuracy, and rejects bad eval names / model kinds with clear errors.
+zero-shot accuracy, and rejects bad eval names / tasks without the predict functions an eval
+needs with clear errors.
 """
 import flax
 import jax
@@ -12,39 +13,41 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import common as config_common
-from configs import shapes_coca
 from data_fixtures import shapes_data_dir, shapes_tokenizer  # pylint: disable=unused-import
+from train_utils import REPO
+from vlm_jax import config_utils
+from vlm_jax import decoding as decode
 from vlm_jax import evals
-from vlm_jax import inference
+from vlm_jax import runtime
 from vlm_jax import sharding
-from vlm_jax import train_state as ts
+from vlm_jax import tasks
 from vlm_jax.evals import captioning
-from vlm_jax.evals import decode
 from vlm_jax.evals import templates
 from vlm_jax.evals import zeroshot
-from vlm_jax.models import build_model
 from vlm_jax.models import init_cache
 
 NUM_TEST = 64   # shapes/tiny test split
 
 
 def tiny_config(data_dir, tokenizer, kind="coca"):
-  config = shapes_coca.shapes_config(kind, "tiny")
-  config.unlock()
-  config.data.data_dir = data_dir
-  config.model.text.vocab_size = tokenizer.vocab_size
-  config.evals = config_common.evals_config(batch_size=24)   # 64 = 24 + 24 + 16 (+8 padding)
-  config.evals.caption.metrics = "bleu,cider,rouge"
-  config.evals.caption.tokenizer = "python"
-  return config
+  return config_utils.load_config(f"{REPO}/configs/shapes_{kind}.py:tiny", {
+      "data.data_dir": data_dir, "model.text.vocab_size": tokenizer.vocab_size,
+      "evals.run": "zeroshot,retrieval,caption" if kind == "coca" else "zeroshot,retrieval",
+      "evals.batch_size": 24,     # 64 = 24 + 24 + 16 (+8 padding)
+      "evals.caption.metrics": "bleu,cider,rouge", "evals.caption.tokenizer": "python"})
 
 
 def init_params(config, seed=0):
-  model = build_model(config.model)
-  images, text = ts.dummy_inputs(config)
-  params = flax.linen.unbox(model.init(jax.random.key(seed), images, text)["params"])
+  task = tasks.get(config.task)
+  model = task.build_model(config)
+  params = flax.linen.unbox(task.init_params(model, config, jax.random.key(seed)))
   return model, params
+
+
+def run_evals(config, model, params, mesh, tokenizer, step=None):
+  ctx = evals.EvalContext.create(config, tasks.get(config.task), model, params, mesh, tokenizer)
+  with ctx.scope():
+    return evals.run_evals(ctx, step)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +84,9 @@ def test_kv_cache_decoding_equals_full_recomputation(coca, shapes_tokenizer):
 
   # Whole greedy search: cached == the same search recomputing the full prefix every step.
   kw = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-  cached, _ = jax.jit(captioning.make_generate_fn(model, max_len=max_len, beam_size=1, alpha=0.0,
-                                                  **kw))(params, images)
+  generate = tasks.get(config.task).predict_fns(config, model)["generate"]
+  cached, _ = jax.jit(lambda p, b: generate(p, b, max_len=max_len, **kw))(params,
+                                                                           {"image": images})
   step_fn, cache0 = decode.full_recompute_logits_fn(lambda seq: full(seq[:, :max_len]), b,
                                                     max_len, tok.pad_id)
   ref = jax.jit(lambda c: decode.greedy(step_fn, c, batch_size=b, max_len=max_len, **kw))(cache0)
@@ -97,7 +101,7 @@ def test_run_evals_counts_every_example_once_and_is_mesh_invariant(coca, shapes_
   config, model, params = coca
   mesh8 = sharding.make_mesh(config.mesh)                       # data=8
   assert mesh8.devices.size == 8
-  m8 = evals.run_evals(config, model, params, mesh8, shapes_tokenizer, step=0)
+  m8 = run_evals(config, model, params, mesh8, shapes_tokenizer, step=0)
 
   expected = {f"zeroshot/shapes/{k}" for k in ("top1", "top5", "mean_per_class", "num_examples")}
   expected |= {f"retrieval/shapes/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
@@ -120,23 +124,23 @@ def test_run_evals_counts_every_example_once_and_is_mesh_invariant(coca, shapes_
   config1.evals.batch_size = 64
   config1.evals.run = "zeroshot,retrieval"
   mesh1 = sharding.make_mesh(config1.mesh, jax.devices()[:1])
-  m1 = evals.run_evals(config1, model, params, mesh1, shapes_tokenizer)
+  m1 = run_evals(config1, model, params, mesh1, shapes_tokenizer)
   for k, v in m1.items():
     assert v == pytest.approx(m8[k], abs=1e-6), k
 
   # Deterministic: a second run gives bit-identical numbers.
-  assert evals.run_evals(config1, model, params, mesh1, shapes_tokenizer) == m1
+  assert run_evals(config1, model, params, mesh1, shapes_tokenizer) == m1
 
   # FSDP + tensor parallel mesh with the params sharded as the trainer shards them.
   config3 = tiny_config(shapes_data_dir, shapes_tokenizer)
   config3.mesh.data, config3.mesh.fsdp, config3.mesh.tensor = 2, 2, 2
   config3.evals.run = "zeroshot"
   mesh3 = sharding.make_mesh(config3.mesh)
-  abstract = inference.abstract_params(config3, model, mesh3)
+  abstract, _ = runtime.abstract_params(config3, tasks.get(config3.task), model, mesh3)
   sharded = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract)
   assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
              for x in jax.tree.leaves(sharded))
-  m3 = evals.run_evals(config3, model, sharded, mesh3, shapes_tokenizer)
+  m3 = run_evals(config3, model, sharded, mesh3, shapes_tokenizer)
   for k, v in m3.items():
     assert v == pytest.approx(m8[k], abs=1e-6), k
 
@@ -145,8 +149,8 @@ def test_zeroshot_equals_direct_computation(coca, shapes_data_dir, shapes_tokeni
   """The sharded, padded, batched eval vs a plain un-jitted pass over the whole split."""
   config, model, params = coca
   from vlm_jax.data import pipeline   # pylint: disable=g-import-not-at-top
-  it = pipeline.make_eval_iterator(config, shapes_tokenizer, process_index=0, process_count=1,
-                                   batch_size=NUM_TEST)
+  from vlm_jax.data import ops   # pylint: disable=g-import-not-at-top
+  it = pipeline.make_eval_iterator(config.data, [ops.Label()], batch_size=NUM_TEST)
   batch = next(it)
   assert batch["mask"].all()
   img = model.apply({"params": params}, batch["image"], method="encode_images")
@@ -165,22 +169,22 @@ def test_zeroshot_equals_direct_computation(coca, shapes_data_dir, shapes_tokeni
 
   config.evals.run = "zeroshot"
   mesh = sharding.make_mesh(config.mesh)
-  m = evals.run_evals(config, model, params, mesh, shapes_tokenizer)
+  m = run_evals(config, model, params, mesh, shapes_tokenizer)
   assert m["zeroshot/shapes/top1"] == pytest.approx(top1)
 
 
-def test_bad_eval_names_and_model_kinds(shapes_data_dir, shapes_tokenizer):
+def test_bad_eval_names_and_missing_predict_functions(shapes_data_dir, shapes_tokenizer):
   config = tiny_config(shapes_data_dir, shapes_tokenizer, kind="clip")
   model, params = init_params(config)
   mesh = sharding.make_mesh(config.mesh)
   config.evals.run = "zeroshot,retreival"
   with pytest.raises(ValueError, match="evals.run: unknown eval 'retreival'; expected one of"):
-    evals.run_evals(config, model, params, mesh, shapes_tokenizer)
+    run_evals(config, model, params, mesh, shapes_tokenizer)
   config.evals.run = "caption"
-  with pytest.raises(ValueError, match="caption decoder.*'clip'"):
-    evals.run_evals(config, model, params, mesh, shapes_tokenizer)
+  with pytest.raises(ValueError, match="'generate', which task 'contrastive' does not provide"):
+    run_evals(config, model, params, mesh, shapes_tokenizer)
   config.evals.run = ""
-  assert evals.run_evals(config, model, params, mesh, shapes_tokenizer) == {}
+  assert run_evals(config, model, params, mesh, shapes_tokenizer) == {}
 
 
 def test_jsonl_dataset_zeroshot_and_retrieval(coca, shapes_data_dir, shapes_tokenizer, tmp_path):
@@ -209,7 +213,7 @@ def test_jsonl_dataset_zeroshot_and_retrieval(coca, shapes_data_dir, shapes_toke
   cfg.evals.zeroshot.classnames = names
   cfg.evals.zeroshot.templates = "a {}."
   mesh = sharding.make_mesh(cfg.mesh)
-  m = evals.run_evals(cfg, model, params, mesh, shapes_tokenizer)
+  m = run_evals(cfg, model, params, mesh, shapes_tokenizer)
   assert m["zeroshot/mini/num_examples"] == n
   assert m["retrieval/mini/num_images"] == n
   assert m["retrieval/mini/num_captions"] == sum(min(len(split[i]["captions"]), 5)
@@ -226,7 +230,7 @@ def test_tfds_classification_dataset_by_name(coca, shapes_tokenizer, shapes_data
   cfg.evals.run = "zeroshot_cifar10"
   mesh = sharding.make_mesh(cfg.mesh)
   with tfds.testing.mock_data(num_examples=20):
-    m = evals.run_evals(cfg, model, params, mesh, shapes_tokenizer)
+    m = run_evals(cfg, model, params, mesh, shapes_tokenizer)
   assert set(m) == {f"zeroshot/cifar10/{k}" for k in ("top1", "top5", "mean_per_class",
                                                        "num_examples")}
   assert m["zeroshot/cifar10/num_examples"] == 20

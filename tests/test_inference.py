@@ -95,7 +95,8 @@ def test_cli_reproduces_the_metrics_logged_at_the_end_of_training(run):
 def test_inference_api(run, shapes_data_dir, tmp_path):
   workdir, _, _ = run
   model = inference.load(workdir)
-  assert model.step == STEPS and model.kind == "coca"
+  assert model.step == STEPS and model.task.name == "coca" and model.can_generate
+  assert not model.has_classifier
   # An earlier checkpoint by step, or by its directory.
   assert inference.load(os.path.join(workdir, "checkpoints", "2")).step == 2
 
@@ -108,6 +109,8 @@ def test_inference_api(run, shapes_data_dir, tmp_path):
   # Same as the model applied directly (no sharding, no padding).
   direct = model.module.apply({"params": model.params}, images, method="encode_images")
   np.testing.assert_allclose(img, np.asarray(direct), atol=1e-5)
+  features = model.image_features(images)
+  assert features.shape == (3, model.config.model.image.width)
 
   tokens = model.tokenize(["a red circle.", "two blue squares."])
   assert tokens.dtype == np.int32 and tokens.shape == (2, model.config.model.text.context_length)

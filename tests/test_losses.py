@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from configs import common
+import ml_collections
+
 from vlm_jax import losses
 
 
@@ -166,71 +167,45 @@ def test_shape_and_dtype_checks():
                         np.ones((2, 3), bool))
 
 
-# total_loss.
+def _outputs(rng, batch=4, dim=8):
+  return {"image_embed": _normalized(rng, (batch, dim)), "text_embed": _normalized(rng, (batch, dim)),
+          "logit_scale": jnp.float32(5.0), "logit_bias": jnp.float32(-2.0)}
 
 
-def _coca_outputs(rng, batch=4, length=6, vocab=9, dim=8):
-  return {
-      "image_embed": _normalized(rng, (batch, dim)),
-      "text_embed": _normalized(rng, (batch, dim)),
-      "logit_scale": jnp.float32(5.0),
-      "logit_bias": jnp.float32(-2.0),
-      "caption_logits": rng.normal(size=(batch, length, vocab)).astype(np.float32),
-  }
+def _loss_config(kind, impl="plain"):
+  return ml_collections.ConfigDict({"contrastive": kind, "contrastive_impl": impl})
 
 
-def test_total_loss_coca_combines_terms():
+def test_contrastive_loss_picks_the_configured_loss():
   rng = np.random.default_rng(6)
-  out = _coca_outputs(rng)
-  text = np.array([[1, 5, 6, 2, 0, 0]] * 2 + [[1, 7, 8, 3, 4, 2]] * 2, np.int32)
-  cfg = common.loss_config("coca")
-  cfg.label_smoothing = 0.1
-  loss, metrics = losses.total_loss(out, text, cfg, pad_id=0)
-  con = np_softmax_contrastive(out["image_embed"], out["text_embed"], 5.0)
-  # Position t predicts token t + 1; pads (0) in the targets are masked.
-  cap = np_caption_xent(out["caption_logits"][:, :-1], text[:, 1:], text[:, 1:] != 0, 0.1)
-  np.testing.assert_allclose(metrics["contrastive_loss"], con, rtol=1e-5)
-  np.testing.assert_allclose(metrics["caption_loss"], cap, rtol=1e-5)
-  np.testing.assert_allclose(loss, cfg.contrastive_weight * con + cfg.caption_weight * cap,
-                             rtol=1e-5)
-  assert metrics["loss"] is loss
-  assert float(metrics["logit_scale"]) == 5.0
-
-
-def test_total_loss_siglip_and_none():
-  rng = np.random.default_rng(7)
-  out = _coca_outputs(rng)
-  del out["caption_logits"]
-  text = np.ones((4, 6), np.int32)
-  loss, metrics = losses.total_loss(out, text, common.loss_config("siglip"), pad_id=0)
+  out = _outputs(rng)
   np.testing.assert_allclose(
-      loss, np_sigmoid_contrastive(out["image_embed"], out["text_embed"], 5.0, -2.0), rtol=1e-5)
-  assert float(metrics["caption_loss"]) == 0.0
-
-  cfg = common.loss_config("coca")
-  cfg.contrastive = "none"
-  out = _coca_outputs(rng)
-  loss, metrics = losses.total_loss(out, text, cfg, pad_id=0)
-  assert float(metrics["contrastive_loss"]) == 0.0
-  np.testing.assert_allclose(loss, cfg.caption_weight * metrics["caption_loss"], rtol=1e-6)
-
-
-def test_total_loss_config_errors():
-  rng = np.random.default_rng(8)
-  out = _coca_outputs(rng)
-  text = np.ones((4, 6), np.int32)
-  cfg = common.loss_config("clip")
-  cfg.contrastive = "hinge"
+      losses.contrastive_loss(out, _loss_config("sigmoid")),
+      np_sigmoid_contrastive(out["image_embed"], out["text_embed"], 5.0, -2.0), rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.contrastive_loss(out, _loss_config("softmax")),
+      np_softmax_contrastive(out["image_embed"], out["text_embed"], 5.0), rtol=1e-5)
   with pytest.raises(ValueError, match="loss.contrastive: unknown .*'hinge'"):
-    losses.total_loss(out, text, cfg, pad_id=0)
-  cfg = common.loss_config("clip")
-  cfg.contrastive_impl = "allgather"
+    losses.contrastive_loss(out, _loss_config("hinge"))
   with pytest.raises(ValueError, match="loss.contrastive_impl: .*'allgather'"):
-    losses.total_loss(out, text, cfg, pad_id=0)
-  cfg = common.loss_config("coca")
-  del out["caption_logits"]
-  with pytest.raises(ValueError, match="caption_weight"):
-    losses.total_loss(out, text, cfg, pad_id=0)
+    losses.contrastive_loss(out, _loss_config("softmax", "allgather"))
+
+
+def test_sums_are_the_pieces_of_the_means():
+  rng = np.random.default_rng(7)
+  logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
+  targets = rng.integers(0, 7, (3, 5))
+  mask = rng.random((3, 5)) > 0.3
+  total, count = losses.caption_xent_sum(logits, targets, mask, 0.1)
+  assert float(count) == mask.sum()
+  np.testing.assert_allclose(total / count, np_caption_xent(logits, targets, mask, 0.1),
+                             rtol=1e-5)
+  labels = rng.integers(0, 7, (3,))
+  total, count = losses.classification_xent_sum(logits[:, 0], labels, 0.1)
+  assert float(count) == 3
+  np.testing.assert_allclose(
+      total / count, np_caption_xent(logits[:, :1], labels[:, None], np.ones((3, 1), bool), 0.1),
+      rtol=1e-5)
 
 
 # Memory-lean variants on the 8-device CPU mesh.
@@ -299,25 +274,22 @@ def test_ring_losses_keep_only_local_blocks():
     assert big not in hlo, big
 
 
-def test_total_loss_chunked_uses_ambient_mesh():
+def test_contrastive_loss_chunked_uses_ambient_mesh():
   mesh = _mesh(2, 2, 2)
   rng = np.random.default_rng(11)
-  out = _coca_outputs(rng, batch=8)
-  text = rng.integers(1, 9, (8, 6)).astype(np.int32)
-  for kind, impl in (("clip", "chunked"), ("clip", "ring"), ("siglip", "chunked"),
-                     ("siglip", "ring")):
-    cfg = common.loss_config(kind)
-    want, _ = losses.total_loss(out, text, cfg, pad_id=0)
-    cfg.contrastive_impl = impl
+  out = _outputs(rng, batch=8)
+  for kind, impl in (("softmax", "chunked"), ("softmax", "ring"), ("sigmoid", "chunked"),
+                     ("sigmoid", "ring")):
+    want = losses.contrastive_loss(out, _loss_config(kind))
+    cfg = _loss_config(kind, impl)
     with jax.set_mesh(mesh):
-      got, _ = jax.jit(lambda o, t, c=cfg: losses.total_loss(o, t, c, pad_id=0))(out, text)
+      got = jax.jit(lambda o, c=cfg: losses.contrastive_loss(o, c))(out)
       np.testing.assert_allclose(got, want, rtol=1e-5)
       # The trainer may also pass its (concrete) mesh explicitly.
-      got, _ = jax.jit(lambda o, t, c=cfg: losses.total_loss(o, t, c, pad_id=0, mesh=mesh))(
-          out, text)
+      got = jax.jit(lambda o, c=cfg: losses.contrastive_loss(o, c, mesh=mesh))(out)
       np.testing.assert_allclose(got, want, rtol=1e-5)
   # Without any mesh 'chunked' is simply the plain loss.
-  got, _ = losses.total_loss(out, text, cfg, pad_id=0)
+  got = losses.contrastive_loss(out, cfg)
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 

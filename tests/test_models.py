@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from vlm_jax import config_utils
 from vlm_jax import models
+from vlm_jax import tasks
 from vlm_jax.models import layers, text as text_lib, vit as vit_lib
 
 # 'rbg' keys: same semantics as the default PRNG, much faster to compile on XLA:CPU (tests only).
@@ -19,14 +20,26 @@ KEY = jax.random.key(0, impl="rbg")
 B, L, V, IMG = 2, 8, 64, 16
 
 
+TASKS = {"clip": "contrastive", "siglip": "contrastive", "coca": "coca"}
+
+
 def tiny_config(kind="coca", **model_overrides):
-  c = common.model_config(kind, embed_dim=24)
-  c.image.update(variant="mu/8", image_size=IMG, width=16, depth=1, num_heads=2, mlp_dim=32)
-  c.text.update(vocab_size=V, context_length=L, width=16, depth=1, num_heads=2, mlp_dim=32)
-  c.decoder.update(width=16, depth=2, num_heads=2, mlp_dim=32)
-  c.dtype = "float32"
-  c.update(model_overrides)
-  return c
+  """The complete config of a tiny model of `kind` (clip, siglip or coca)."""
+  model = dict(embed_dim=24, dtype="float32",
+               image=dict(variant="mu/8", image_size=IMG, width=16, depth=1, num_heads=2,
+                          mlp_dim=32),
+               text=dict(vocab_size=V, context_length=L, width=16, depth=1, num_heads=2,
+                         mlp_dim=32))
+  if kind == "coca":
+    model["decoder"] = dict(width=16, depth=2, num_heads=2, mlp_dim=32)
+  if kind == "siglip":
+    model.update(logit_scale_init=math.log(10.0), logit_bias_init=-10.0)
+  model.update(model_overrides)
+  return config_utils.complete({"task": TASKS[kind], "model": model})
+
+
+def build_model(config):
+  return tasks.get(config.task).build_model(config)
 
 
 def batch():
@@ -46,7 +59,7 @@ def init(model, *args, **kw):
 def coca():
   """A tiny CoCa, its variables and, from the same single compile, its outputs on `batch()`
   plus what each public method returns (including the decoder on a changed caption)."""
-  model = models.build_model(tiny_config("coca"))
+  model = build_model(tiny_config("coca"))
   images, text = batch()
 
   def everything(m, x, t):
@@ -76,9 +89,9 @@ def test_variant_table_matches_published_sizes():
   assert vit_lib.VARIANTS["g"] == (1408, 40, 16, 6144)
   assert set(vit_lib.VARIANTS) == {"mu", "Ti", "S", "M", "B", "L", "So400m", "H", "g"}
   # Config overrides win over the variant; nothing big is instantiated.
-  c = common.vit_config("B/16", image_size=224)
-  c.depth = 2
-  vit = vit_lib.vit_from_config(c)
+  c = vit_lib.default_config()
+  c.update(variant="B/16", image_size=224, depth=2)
+  vit = vit_lib.from_config(c)
   assert (vit.width, vit.depth, vit.num_heads, vit.mlp_dim, vit.patch_size) == (768, 2, 12, 3072,
                                                                                  16)
 
@@ -94,23 +107,22 @@ def test_variant_table_matches_published_sizes():
     ("text.pool", "max", r"model\.text\.pool: unknown pooling 'max'"),
     ("text.act", "swish", r"model\.text\.act: unknown activation 'swish'"),
     ("decoder.act", "swish", r"model\.decoder\.act: unknown activation 'swish'"),
-    ("kind", "blip", r"model\.kind: unknown model kind 'blip'"),
     ("dtype", "int8", r"model\.dtype: unknown dtype 'int8'"),
 ])
 def test_bad_config_raises_naming_field_and_value(field, value, match):
   c = tiny_config("coca")
   section, _, key = field.rpartition(".")
-  (c[section] if section else c)[key] = value
+  (c.model[section] if section else c.model)[key] = value
   with pytest.raises(ValueError, match=match):
-    models.build_model(c)
+    build_model(c)
 
 
 def test_cls_pool_needs_class_token():
   c = tiny_config("clip")
-  c.image.pool = "cls"
+  c.model.image.pool = "cls"
   with pytest.raises(ValueError, match=r"model\.image\.pool: 'cls' pooling needs "
                                        r"model\.image\.class_token=True"):
-    models.build_model(c)
+    build_model(c)
 
 
 def test_resolve_dtype():
@@ -128,10 +140,11 @@ def test_resolve_dtype():
     ("gap", False, "sincos2d", False),
 ])
 def test_vit_shapes_and_pooling(pool, class_token, posemb, ln_pre):
-  c = common.vit_config("mu/8", image_size=IMG, pool=pool)
+  c = vit_lib.default_config()
+  c.update(variant="mu/8", image_size=IMG, pool=pool)
   c.update(width=16, num_heads=2, mlp_dim=32, class_token=class_token, posemb=posemb,
            ln_pre=ln_pre)
-  vit = vit_lib.vit_from_config(c)
+  vit = vit_lib.from_config(c)
   images, _ = batch()
   (pooled, tokens), variables = init(vit, images)
   params = nn.unbox(variables)["params"]
@@ -147,7 +160,9 @@ def test_vit_shapes_and_pooling(pool, class_token, posemb, ln_pre):
 
 
 def test_vit_rejects_wrong_image_size():
-  vit = vit_lib.vit_from_config(common.vit_config("mu/8", image_size=IMG))
+  c = vit_lib.default_config()
+  c.update(variant="mu/8", image_size=IMG)
+  vit = vit_lib.from_config(c)
   with pytest.raises(ValueError, match=r"image_size=16"):
     jax.eval_shape(vit.init, KEY, jnp.zeros((1, 24, 24, 3)))
 
@@ -164,10 +179,10 @@ def test_sincos2d_table():
 
 
 def _text_tower(causal, pool="last", dropout=0.0):
-  c = common.text_config(vocab_size=V, context_length=12, width=16, depth=1, num_heads=2,
-                         mlp_dim=32)
-  c.causal, c.pool, c.dropout = causal, pool, dropout
-  return text_lib.text_from_config(c)
+  c = text_lib.default_config()
+  c.update(vocab_size=V, context_length=12, width=16, depth=1, num_heads=2, mlp_dim=32,
+           causal=causal, pool=pool, dropout=dropout)
+  return text_lib.from_config(c)
 
 
 @pytest.fixture(scope="module")
@@ -244,9 +259,9 @@ def _check_embeds(out):
 
 def openai_style(c):
   """The options an OpenAI / HF CLIP checkpoint needs."""
-  c.image.update(class_token=True, ln_pre=True, pool="cls", act="quick_gelu", ln_eps=1e-5,
+  c.model.image.update(class_token=True, ln_pre=True, pool="cls", act="quick_gelu", ln_eps=1e-5,
                  patch_bias=False)
-  c.text.update(pool="eos", act="quick_gelu", ln_eps=1e-5)
+  c.model.text.update(pool="eos", act="quick_gelu", ln_eps=1e-5)
   return c
 
 
@@ -256,8 +271,8 @@ def test_two_tower_outputs(kind):
   if kind == "clip":
     openai_style(c)
   else:   # SigLIP-style: bidirectional text tower, bf16 compute
-    c.text.causal, c.dtype = False, "bfloat16"
-  model = models.build_model(c)
+    c.model.text.causal, c.model.dtype = False, "bfloat16"
+  model = build_model(c)
   (out, tokens), variables = init(model, *batch(), method=lambda m, x, t: (m(x, t), m.image(x)[1]))
   assert set(out) == {"image_embed", "text_embed", "logit_scale", "logit_bias"}
   _check_embeds(out)   # float32 embeddings whatever the compute dtype
@@ -283,7 +298,7 @@ def test_two_tower_outputs(kind):
 
 def test_logit_scale_is_clipped():
   c = tiny_config("clip", logit_scale_init=math.log(500.0), proj_bias=True)
-  model = models.build_model(c)
+  model = build_model(c)
   shapes = jax.eval_shape(model.init, KEY, *batch())
   assert "bias" in shapes["params"]["text_projection"]   # proj_bias=True adds a bias
   params = {"params": {"logit_scale": jnp.log(500.0)}}
@@ -322,7 +337,7 @@ def test_kv_cache_decoding_equals_full_forward(coca, scan):
   out, tokens = res["out"], res["tokens"]
   params = nn.unbox(variables)
   if scan:   # the same weights in the scanned (and rematerialised) layout
-    model = models.build_model(tiny_config("coca", scan=True, remat=True))
+    model = build_model(tiny_config("coca", scan=True, remat=True))
     params = layers.stack_block_params(params)
   _, text = batch()
   cache = models.init_cache(model, params, tokens, L)
@@ -343,7 +358,7 @@ def test_kv_cache_decoding_equals_full_forward(coca, scan):
 
 def test_every_param_has_logical_axis_names(coca):
   _, variables, _ = coca
-  scanned = jax.eval_shape(models.build_model(tiny_config("siglip", scan=True)).init, KEY,
+  scanned = jax.eval_shape(build_model(tiny_config("siglip", scan=True)).init, KEY,
                            *batch())
   for tree in (variables, scanned):
     leaves = jax.tree_util.tree_flatten_with_path(
@@ -375,10 +390,10 @@ def test_remat_and_scan_models_match_plain(coca):
   model, variables, res = coca
   params = nn.unbox(variables)
   images, text = batch()
-  remat = models.build_model(tiny_config("coca", remat=True))
+  remat = build_model(tiny_config("coca", remat=True))
   shapes = nn.unbox(jax.eval_shape(remat.init, KEY, images, text))
   assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(jnp.shape, params)
-  scan = models.build_model(tiny_config("coca", scan=True, remat=True))
+  scan = build_model(tiny_config("coca", scan=True, remat=True))
   stacked = layers.stack_block_params(params)
   scan_shapes = nn.unbox(jax.eval_shape(scan.init, KEY, images, text))
   assert jax.tree.map(lambda s: s.shape, scan_shapes) == jax.tree.map(jnp.shape, stacked)
@@ -389,8 +404,8 @@ def test_remat_and_scan_models_match_plain(coca):
 
 def test_tied_decoder_head_reuses_token_embedding():
   c = tiny_config("coca")
-  c.decoder.tie_embeddings = True
-  model = models.build_model(c)
+  c.model.decoder.tie_embeddings = True
+  model = build_model(c)
   images, text = batch()
   out, variables = jax.eval_shape(lambda: model.init_with_output(KEY, images, text))
   decoder = variables["params"]["decoder"]

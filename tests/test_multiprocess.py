@@ -12,6 +12,7 @@ import jax
 
 from train_utils import (REPO, free_port, logged, run_steps, subprocess_env, tiny_config,
                          tiny_overrides, train_command)
+from vlm_jax import tasks
 from vlm_jax.data import pipeline
 from vlm_jax.data import tokenizer as tok_lib
 
@@ -56,7 +57,9 @@ def test_two_processes_train_checkpoint_resume_like_one(shapes_data_dir, tmp_pat
   config = tiny_config("coca", shapes_data_dir, os.path.join(multi, "tokenizer.model"),
                        total_steps=8, **COMMON)
   tok = tok_lib.Tokenizer.load(os.path.join(multi, "tokenizer.model"))
-  its = [pipeline.make_train_iterator(config, tok, process_index=p, process_count=2)
+  field_ops = tasks.get(config.task).train_ops(config, tok)
+  its = [pipeline.make_train_iterator(config.data, field_ops, batch_size=config.batch_size // 2,
+                                      process_index=p, process_count=2)
          for p in range(2)]
   batches = []
   for _ in range(8):

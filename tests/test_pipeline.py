@@ -8,9 +8,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common
+from vlm_jax import config_defaults
+from vlm_jax import config_utils
+from vlm_jax import prefetch
+from vlm_jax.data import ops
 from vlm_jax.data import pipeline
 from vlm_jax.data import tokenizer as tokenizer_lib
+from train_utils import REPO
 from data_fixtures import shapes_data_dir, shapes_tokenizer  # pylint: disable=unused-import
 from test_sources import jpeg_bytes, write_jsonl, write_shards
 
@@ -25,12 +29,34 @@ def tok():
 
 def make_config(**data):
   config = ml_collections.ConfigDict()
-  config.data = common.data_config(image_size=SIZE)
-  config.data.update(dict(read_threads=2, shuffle_seed=3))
+  config.data = config_defaults.data_config()
+  config.data.update(dict(image_size=SIZE, read_threads=2, shuffle_seed=3))
   config.data.update(data)
-  config.tokenizer = common.tokenizer_config(vocab_size=64, context_length=LENGTH)
   config.batch_size = 4
   return config
+
+
+def field_ops(tok, all_captions=0, length=LENGTH):
+  """A caption (`text`) and the label, as a captioning task would ask; with `all_captions`,
+  also up to that many captions per example (`captions`, as retrieval asks)."""
+  out = [ops.Caption(tok, length), ops.Label()]
+  if all_captions:
+    out.append(ops.AllCaptions(tok, length, all_captions))
+  return out
+
+
+def train_iter(config, tok, *, process_index=0, process_count=1, batch_size=None, length=LENGTH):
+  return pipeline.make_train_iterator(
+      config.data, field_ops(tok, length=length),
+      batch_size=batch_size if batch_size is not None else config.batch_size // process_count,
+      process_index=process_index, process_count=process_count)
+
+
+def eval_iter(config, tok, *, batch_size, process_index=0, process_count=1, all_captions=0,
+              length=LENGTH):
+  return pipeline.make_eval_iterator(
+      config.data, field_ops(tok, all_captions, length), batch_size=batch_size,
+      process_index=process_index, process_count=process_count)
 
 
 @pytest.fixture
@@ -62,7 +88,7 @@ def assert_same_batches(a, b):
 
 
 def test_train_batch_contents(jsonl_config, tok):
-  it = pipeline.make_train_iterator(jsonl_config, tok, process_index=0, process_count=1)
+  it = train_iter(jsonl_config, tok, process_index=0, process_count=1)
   batch = next(it)
   assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
   assert batch["text"].shape == (4, LENGTH) and batch["text"].dtype == np.int32
@@ -81,7 +107,7 @@ def test_train_uses_every_caption_and_is_seeded(jsonl_config, tok):
   jsonl_config.batch_size = 10
   jsonl_config.data.train_crop = "resize"
   texts = set()
-  it = pipeline.make_train_iterator(jsonl_config, tok, process_index=0, process_count=1)
+  it = train_iter(jsonl_config, tok, process_index=0, process_count=1)
   for batch in take(it, 6):
     texts.update(tok.decode(batch["text"]))
   assert "another 0" in texts and "picture 0" in texts  # example 0 has two captions
@@ -91,18 +117,18 @@ def test_train_uses_every_caption_and_is_seeded(jsonl_config, tok):
 def test_resume_mid_epoch_gives_the_same_batches(kind, jsonl_config, wds_config, tok):
   config = jsonl_config if kind == "jsonl" else wds_config
   config.batch_size = 3  # 10 or 12 examples: batches straddle epoch boundaries
-  ref = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
+  ref = train_iter(config, tok, process_index=0, process_count=1)
   expected = take(ref, 9)
   for cut in (2, 5):
-    it = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
+    it = train_iter(config, tok, process_index=0, process_count=1)
     take(it, cut)
     state = json.dumps(it.get_state())  # what a checkpoint stores
     del it
-    resumed = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
+    resumed = train_iter(config, tok, process_index=0, process_count=1)
     resumed.set_state(json.loads(state))
     assert_same_batches(take(resumed, 9 - cut), expected[cut:])
   # Restoring an earlier state on a live iterator rewinds it.
-  it = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
+  it = train_iter(config, tok, process_index=0, process_count=1)
   state = it.get_state()
   first = take(it, 3)
   it.set_state(state)
@@ -112,18 +138,18 @@ def test_resume_mid_epoch_gives_the_same_batches(kind, jsonl_config, wds_config,
 @pytest.mark.parametrize("kind", ["jsonl", "wds"])
 def test_determinism_for_a_seed(kind, jsonl_config, wds_config, tok):
   config = jsonl_config if kind == "jsonl" else wds_config
-  a = take(pipeline.make_train_iterator(config, tok, process_index=0, process_count=1), 4)
-  b = take(pipeline.make_train_iterator(config, tok, process_index=0, process_count=1), 4)
+  a = take(train_iter(config, tok, process_index=0, process_count=1), 4)
+  b = take(train_iter(config, tok, process_index=0, process_count=1), 4)
   assert_same_batches(a, b)
   config.data.shuffle_seed = 4
-  c = take(pipeline.make_train_iterator(config, tok, process_index=0, process_count=1), 4)
+  c = take(train_iter(config, tok, process_index=0, process_count=1), 4)
   assert not all(np.array_equal(x["label"], y["label"]) for x, y in zip(a, c))
 
 
 def _epoch_labels(config, tok, process_index, process_count):
   config.data.num_epochs = 1
   config.batch_size = 2 * process_count
-  it = pipeline.make_train_iterator(config, tok, process_index=process_index,
+  it = train_iter(config, tok, process_index=process_index,
                                     process_count=process_count)
   return [int(l) for batch in it for l in batch["label"]]
 
@@ -159,12 +185,10 @@ def test_eval_pads_last_batch_and_covers_every_example_once(tmp_path, kind, tok)
     write_shards(str(tmp_path / "w"), 3, 3)
     config = make_config(source="wds", eval_shards=str(tmp_path / "w" / "*.tar"))
     n = 9
-  config.data.eval_all_captions = True
-  config.data.eval_max_captions = 3
   seen, counts = [], []
   for p in range(2):
-    batches = list(pipeline.make_eval_iterator(config, tok, process_index=p, process_count=2,
-                                               batch_size=4))
+    batches = list(eval_iter(config, tok, process_index=p, process_count=2, batch_size=4,
+                             all_captions=3))
     counts.append(len(batches))
     for b in batches:
       assert b["image"].shape == (4, SIZE, SIZE, 3)
@@ -177,8 +201,7 @@ def test_eval_pads_last_batch_and_covers_every_example_once(tmp_path, kind, tok)
   assert counts[0] == counts[1]  # every process steps through the same number of batches
   assert len(seen) == n and len(set(seen)) == n  # every example exactly once
   if kind == "jsonl":  # example 0 has two captions, example 1 one
-    b = next(pipeline.make_eval_iterator(config, tok, process_index=0, process_count=1,
-                                         batch_size=2))
+    b = next(eval_iter(config, tok, batch_size=2, all_captions=3))
     np.testing.assert_array_equal(b["captions_mask"], [[True, True, False],
                                                        [True, False, False]])
     assert tok.decode(b["captions"][0]) == ["picture 0", "another 0", ""]
@@ -198,7 +221,7 @@ def test_bad_data_is_skipped_counted_and_resumed(tmp_path, tok, caplog):
   path.write_bytes(path.read_bytes()[:member.offset_data + 10])
   config = make_config(source="wds", train_shards=str(folder / "*.tar"), num_epochs=1)
   config.batch_size = 1
-  it = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
+  it = train_iter(config, tok, process_index=0, process_count=1)
   with caplog.at_level("WARNING"):
     labels = sorted(int(b["label"][0]) for b in it)
   assert labels == [0, 1, 2, 3, 100, 101]  # only the good samples, none substituted
@@ -207,7 +230,7 @@ def test_bad_data_is_skipped_counted_and_resumed(tmp_path, tok, caplog):
   assert "00000.tar/corrupt (undecodable_image)" in caplog.text
   assert "00001.tar" in caplog.text
   # The counts are part of the state: a resumed iterator continues them.
-  it2 = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
+  it2 = train_iter(config, tok, process_index=0, process_count=1)
   state = it.get_state()
   it2.set_state(state)
   assert it2.skipped_counts() == it.skipped_counts()
@@ -217,12 +240,12 @@ def test_bad_jsonl_image_is_skipped_and_counted(tmp_path, tok):
   path = write_jsonl(str(tmp_path / "j"), 6, bad=(2,))
   config = make_config(source="jsonl", train_jsonl=path, eval_jsonl=path, num_epochs=1)
   config.batch_size = 1
-  it = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
+  it = train_iter(config, tok, process_index=0, process_count=1)
   texts = sorted(tok.decode(np.concatenate([b["text"] for b in it])))
   assert len(texts) == 5 and not any(t.endswith(" 2") for t in texts)
   assert it.skipped_counts() == {"undecodable_image": 1}
   # Eval keeps the batch count but never shows the bad example.
-  batches = list(pipeline.make_eval_iterator(config, tok, process_index=0, process_count=1,
+  batches = list(eval_iter(config, tok, process_index=0, process_count=1,
                                              batch_size=4))
   assert len(batches) == 2 and sum(int(b["mask"].sum()) for b in batches) == 5
 
@@ -233,13 +256,13 @@ def test_coco_captions_mock_data_batches(tok):
                        label_key="", id_key="image/filename", tfds_reader="data_source",
                        tfds_skip_decode=False, train_split="train", eval_split="val")
   with tfds.testing.mock_data(num_examples=10):
-    it = pipeline.make_train_iterator(config, tok, process_index=1, process_count=2)
+    it = train_iter(config, tok, process_index=1, process_count=2)
     batches = take(it, 3)
     state = it.get_state()
     after = take(it, 2)
     it.set_state(state)
     assert_same_batches(take(it, 2), after)
-    eval_batches = list(pipeline.make_eval_iterator(config, tok, process_index=0,
+    eval_batches = list(eval_iter(config, tok, process_index=0,
                                                     process_count=1, batch_size=4))
   for b in batches:
     assert b["image"].shape == (2, SIZE, SIZE, 3) and b["image"].dtype == np.float32
@@ -251,38 +274,29 @@ def test_coco_captions_mock_data_batches(tok):
   assert len(eval_batches) == 3 and sum(int(b["mask"].sum()) for b in eval_batches) == 10
 
 
-def test_data_config_defaults_build_the_shapes_source():
-  c = common.data_config()
-  assert (c.source, c.name, c.image_key, c.text_key, c.label_key) == (
-      "tfds", "shapes/tiny", "image", "captions", "label")
-  t = common.tokenizer_config()
-  assert t.kind == "sentencepiece" and t.model_path is None
-
-
 def test_config_errors_name_the_field(jsonl_config, tok):
   jsonl_config.data.train_crop = "zoom"
   with pytest.raises(ValueError, match="data.train_crop: unknown crop 'zoom'"):
-    pipeline.make_train_iterator(jsonl_config, tok, process_index=0, process_count=1)
+    train_iter(jsonl_config, tok, process_index=0, process_count=1)
   jsonl_config.data.train_crop = "resize"
-  jsonl_config.batch_size = 3
-  with pytest.raises(ValueError, match="global batch 3 is not divisible by 2"):
-    pipeline.make_train_iterator(jsonl_config, tok, process_index=0, process_count=2)
+  with pytest.raises(ValueError, match="per-process batch size 0 < 1"):
+    train_iter(jsonl_config, tok, batch_size=0)
   jsonl_config.data.source = "parquet"
   with pytest.raises(ValueError, match="data.source: unknown source 'parquet'"):
-    pipeline.make_train_iterator(jsonl_config, tok, process_index=0, process_count=1)
+    train_iter(jsonl_config, tok, process_index=0, process_count=1)
 
 
 def test_device_prefetcher_keeps_exact_state_and_measures_wait(jsonl_config, tok):
-  it = pipeline.make_train_iterator(jsonl_config, tok, process_index=0, process_count=1)
-  reference = take(pipeline.make_train_iterator(jsonl_config, tok, process_index=0,
+  it = train_iter(jsonl_config, tok, process_index=0, process_count=1)
+  reference = take(train_iter(jsonl_config, tok, process_index=0,
                                                 process_count=1), 6)
-  prefetcher = pipeline.DevicePrefetcher(it, jax.device_put, size=3)
+  prefetcher = prefetch.DevicePrefetcher(it, jax.device_put, size=3)
   first = [jax.tree.map(np.asarray, b) for b in take(prefetcher, 2)]
   assert isinstance(take(prefetcher, 1)[0]["image"], jax.Array)
   assert_same_batches(first, reference[:2])
   state = prefetcher.get_state()  # after 3 batches, though more are prefetched
   assert prefetcher.pop_wait_seconds() >= 0.0 and prefetcher.wait_seconds == 0.0
-  fresh = pipeline.make_train_iterator(jsonl_config, tok, process_index=0, process_count=1)
+  fresh = train_iter(jsonl_config, tok, process_index=0, process_count=1)
   fresh.set_state(state)
   assert_same_batches(take(fresh, 3), reference[3:])
   prefetcher.set_state(state)
@@ -293,27 +307,28 @@ def test_device_prefetcher_keeps_exact_state_and_measures_wait(jsonl_config, tok
 
 @pytest.mark.slow  # starts a grain worker process (~15 s of imports on a small machine)
 def test_grain_worker_processes_resume_exactly(jsonl_config, tok):
+  from vlm_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.ensure_flags_parsed()    # grain's workers read absl flags; a command line parses them
   jsonl_config.data.worker_count = 1
-  it = pipeline.make_train_iterator(jsonl_config, tok, process_index=0, process_count=1)
+  it = train_iter(jsonl_config, tok, process_index=0, process_count=1)
   expected = take(it, 4)
   state = it.get_state()
   more = take(it, 2)
   it.close()
-  resumed = pipeline.make_train_iterator(jsonl_config, tok, process_index=0, process_count=1)
+  resumed = train_iter(jsonl_config, tok, process_index=0, process_count=1)
   resumed.set_state(state)
   assert_same_batches(take(resumed, 2), more)
   jsonl_config.data.worker_count = 0
-  single = take(pipeline.make_train_iterator(jsonl_config, tok, process_index=0,
+  single = take(train_iter(jsonl_config, tok, process_index=0,
                                              process_count=1), 4)
   assert_same_batches(single, expected)  # same batches with or without worker processes
 
 
 def test_shapes_demo_config_batches(shapes_data_dir, shapes_tokenizer):
-  from configs import shapes_coca  # pylint: disable=g-import-not-at-top
-  config = shapes_coca.get_config("tiny")
-  config.data.data_dir = shapes_data_dir
+  config = config_utils.load_config(f"{REPO}/configs/shapes_coca.py:tiny",
+                                    {"data.data_dir": shapes_data_dir})
   length = config.tokenizer.context_length
-  it = pipeline.make_train_iterator(config, shapes_tokenizer, process_index=0, process_count=2)
+  it = train_iter(config, shapes_tokenizer, process_index=0, process_count=2, length=length)
   batch = next(it)
   assert batch["image"].shape == (32, 32, 32, 3) and batch["text"].shape == (32, length)
   assert ((batch["label"] >= 0) & (batch["label"] < 20)).all()
@@ -323,8 +338,8 @@ def test_shapes_demo_config_batches(shapes_data_dir, shapes_tokenizer):
   # Eval (test split, 64 examples): every example once over two processes, in batches of 16.
   seen = []
   for p in range(2):
-    for b in pipeline.make_eval_iterator(config, shapes_tokenizer, process_index=p,
-                                         process_count=2, batch_size=16):
+    for b in eval_iter(config, shapes_tokenizer, process_index=p, process_count=2,
+                       batch_size=16, length=length):
       seen.extend(zip(b["label"][b["mask"]].tolist(),
                       map(bytes, b["image"][b["mask"]].view(np.uint8))))
   assert len(seen) == 64 and len(set(seen)) == 64
@@ -338,19 +353,19 @@ def test_tfrecord_tfds_dataset_resumes_and_evaluates(tmp_path, tok):
                        text_key="meta/captions", train_split="train", eval_split="train",
                        shuffle_buffer=4)
   config.batch_size = 3
-  it = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
+  it = train_iter(config, tok, process_index=0, process_count=1)
   assert isinstance(it._stream, pipeline._SequentialStream)  # the tfds.load (TFRecord) reader
   expected = take(it, 6)  # 18 examples: crosses the end of the first epoch (10)
   first_epoch = [int(l) for b in expected[:3] for l in b["label"]] + [int(expected[3]["label"][0])]
   assert sorted(first_epoch) == list(range(10)) and first_epoch != list(range(10))  # shuffled
-  it2 = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
+  it2 = train_iter(config, tok, process_index=0, process_count=1)
   take(it2, 2)
   state = json.loads(json.dumps(it2.get_state()))
-  it3 = pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)
+  it3 = train_iter(config, tok, process_index=0, process_count=1)
   it3.set_state(state)
   assert_same_batches(take(it3, 4), expected[2:])
   labels = [int(l) for p in range(2)
-            for b in pipeline.make_eval_iterator(config, tok, process_index=p, process_count=2,
+            for b in eval_iter(config, tok, process_index=p, process_count=2,
                                                  batch_size=4)
             for l in b["label"][b["mask"]]]
   assert sorted(labels) == list(range(10))
@@ -370,17 +385,17 @@ def test_openai_eval_crop_matches_openai_preprocessing(tmp_path, tok):
   config = make_config(source="jsonl", eval_jsonl=str(folder / "captions.jsonl"),
                        eval_crop="openai", mean=openai_preprocess.OPENAI_MEAN,
                        std=openai_preprocess.OPENAI_STD)
-  batch = next(pipeline.make_eval_iterator(config, tok, process_index=0, process_count=1,
+  batch = next(eval_iter(config, tok, process_index=0, process_count=1,
                                            batch_size=1))
   expected = openai_preprocess.preprocess(pixels, SIZE)
   np.testing.assert_allclose(batch["image"][0], expected, atol=1e-5)
   config.data.eval_crop = "center"
-  other = next(pipeline.make_eval_iterator(config, tok, process_index=0, process_count=1,
+  other = next(eval_iter(config, tok, process_index=0, process_count=1,
                                            batch_size=1))
   assert np.abs(other["image"][0] - expected).max() > 1e-3  # the two transforms really differ
   config.data.eval_crop = "squash"
   with pytest.raises(ValueError, match="data.eval_crop: unknown crop 'squash'"):
-    next(pipeline.make_eval_iterator(config, tok, process_index=0, process_count=1,
+    next(eval_iter(config, tok, process_index=0, process_count=1,
                                      batch_size=1))
 
 
@@ -397,7 +412,7 @@ def test_per_example_randomness_does_not_depend_on_the_process_count(tmp_path, t
 
   def samples(process_index, process_count):
     config.batch_size = 2 * process_count
-    it = pipeline.make_train_iterator(config, tok, process_index=process_index,
+    it = train_iter(config, tok, process_index=process_index,
                                       process_count=process_count)
     out = {}
     for batch in it:

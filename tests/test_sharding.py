@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from configs import common
+from vlm_jax import config_defaults
 from vlm_jax import sharding
 import xla_flags
 
@@ -22,7 +22,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mesh_cfg(data=-1, fsdp=1, tensor=1):
-  return common.mesh_config(data=data, fsdp=fsdp, tensor=tensor)
+  c = config_defaults.mesh_config()
+  c.update(data=data, fsdp=fsdp, tensor=tensor)
+  return c
 
 
 # Mesh.
@@ -68,7 +70,7 @@ def test_make_mesh_bad_sizes(cfg, match):
 
 def test_rules_from_config_and_validation():
   config = ml_collections.ConfigDict()
-  config.sharding_rules = common.sharding_rules()
+  config.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]   # as JSON has them
   assert sharding.logical_rules(config) == sharding.DEFAULT_RULES
   assert sharding.logical_rules(ml_collections.ConfigDict()) == sharding.DEFAULT_RULES
   config.sharding_rules = [("batch", ["data", "fsdp"]), ("embed", "model")]
@@ -295,8 +297,7 @@ _WORKER = textwrap.dedent("""
     import jax
     from vlm_jax import sharding
     assert sharding.maybe_initialize_distributed()
-    from configs import common
-    mesh = sharding.make_mesh(common.mesh_config(data=-1))
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     pid = jax.process_index()
     local = {"x": np.full((2, 3), pid, np.float32) + np.arange(2, dtype=np.float32)[:, None] * 10}
     batch = sharding.make_global_batch(local, mesh)

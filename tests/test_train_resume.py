@@ -15,7 +15,7 @@ from data_fixtures import shapes_data_dir  # pylint: disable=unused-import
 from train_utils import (REPO, logged, subprocess_env, tiny_config, tiny_overrides,
                          train_command, tree_equal)
 from vlm_jax import checkpoint as ckpt_lib
-from vlm_jax import train
+from vlm_jax import runtime
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +46,10 @@ def _wait(proc, timeout, what):
 
 
 def _params(workdir, config):
-  setup = train.make_setup(config, jax.devices()[:2])
+  rt = runtime.Runtime.create(config, jax.devices()[:2])
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   assert ck.latest_step() == N
-  state, _, meta = ck.restore(N, setup.abstract_state)
+  state, _, meta = ck.restore(N, rt.abstract_state)
   ck.close()
   assert "config" in meta and meta["tokenizer_model_b64"]
   return jax.device_get(state.params)

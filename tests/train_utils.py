@@ -13,23 +13,20 @@ import xla_flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A model that compiles and runs in a blink: 1-layer towers of width 32.
-TINY = {
-    "model.embed_dim": 32,
-    "model.image.width": 32, "model.image.depth": 1, "model.image.num_heads": 2,
-    "model.image.mlp_dim": 64,
-    "model.text.width": 32, "model.text.depth": 1, "model.text.num_heads": 2,
-    "model.text.mlp_dim": 64,
-    "model.decoder.width": 32, "model.decoder.depth": 1, "model.decoder.num_heads": 2,
-    "model.decoder.mlp_dim": 64,
-    "batch_size": 16,
-    "evals.run": "",
-    "progress_bar": False,
-    "async_checkpointing": False,
-}
+_TOWER = {"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
+TOWERS = {"clip": ("image", "text"), "siglip": ("image", "text"),
+          "coca": ("image", "text", "decoder"), "captioning": ("image", "decoder"),
+          "classify": ("image",)}
+TRAINER = {"batch_size": 16, "evals.run": "", "progress_bar": False,
+           "async_checkpointing": False}
 
 
-def tiny_overrides(data_dir, tokenizer_path=None, **extra):
-  o = dict(TINY)
+def tiny_overrides(data_dir, tokenizer_path=None, kind="coca", **extra):
+  """Overrides of configs/shapes_<kind>.py:tiny for a tiny model on `data_dir`."""
+  o = {f"model.{tower}.{k}": v for tower in TOWERS[kind] for k, v in _TOWER.items()}
+  if "text" in TOWERS[kind]:
+    o["model.embed_dim"] = 32
+  o.update(TRAINER)
   o["data.data_dir"] = data_dir
   if tokenizer_path:
     o["tokenizer.model_path"] = tokenizer_path
@@ -39,7 +36,7 @@ def tiny_overrides(data_dir, tokenizer_path=None, **extra):
 
 def tiny_config(kind, data_dir, tokenizer_path=None, **extra):
   return config_utils.load_config(os.path.join(REPO, f"configs/shapes_{kind}.py:tiny"),
-                                  tiny_overrides(data_dir, tokenizer_path, **extra))
+                                  tiny_overrides(data_dir, tokenizer_path, kind, **extra))
 
 
 def flag_args(overrides):
@@ -88,15 +85,15 @@ def tree_equal(a, b):
 
 def run_steps(config, batches, devices=None):
   """Trains in-process on the given (numpy) global batches; returns (state, metrics per step,
-  setup)."""
+  runtime)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vlm_jax import sharding, train  # pylint: disable=g-import-not-at-top
-  setup = train.make_setup(config, devices)
-  state = setup.init_state()
-  step = setup.make_step()
+  from vlm_jax import runtime, sharding  # pylint: disable=g-import-not-at-top
+  rt = runtime.Runtime.create(config, devices)
+  state = rt.init_state()
+  step = rt.make_step()
   history = []
-  with setup.context():
+  with rt.context():
     for b in batches:
-      state, m = step(state, sharding.make_global_batch(b, setup.mesh))
+      state, m = step(state, sharding.make_global_batch(b, rt.mesh))
       history.append({k: float(v) for k, v in jax.device_get(m).items()})
-  return state, history, setup
+  return state, history, rt

@@ -12,18 +12,70 @@ removed at the next start (`cleanup_tmp_directories`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
+import flax
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
+
+
+@dataclasses.dataclass
+class CheckpointLocation:
+  workdir: Optional[str]     # the run directory (config.json, tokenizer.model), if known
+  checkpoints: str           # the Orbax CheckpointManager directory
+  step: int
+
+
+def locate(path: str, step: Optional[int] = None, *, field: str = "checkpoint"
+           ) -> CheckpointLocation:
+  """Resolves a workdir, a `checkpoints/` directory or a `checkpoints/<step>` directory.
+
+  Raises FileNotFoundError naming the path (and `field`, the option it came from) when there is
+  no checkpoint (or not that step).
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{field}: {path} does not exist or is not a directory")
+  base = os.path.basename(path.rstrip("/"))
+  workdir = None
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    workdir, ckpt_dir = path, os.path.join(path, "checkpoints")
+  elif base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    ckpt_dir = os.path.dirname(path)
+    if step is not None and int(step) != int(base):
+      raise ValueError(f"{field}: {path} is step {base}, but step={step} was asked for")
+    step = int(base)
+  else:
+    ckpt_dir = path
+  if workdir is None and os.path.basename(ckpt_dir) == "checkpoints":
+    workdir = os.path.dirname(ckpt_dir)
+  steps = saved_steps(ckpt_dir)
+  if not steps:
+    raise FileNotFoundError(f"{field}: no checkpoint in {ckpt_dir} (expected step directories "
+                            "written by vlm_jax.train or vlm_jax.convert)")
+  if step is None:
+    step = max(steps)
+  elif int(step) not in steps:
+    raise FileNotFoundError(f"{field}: step {step} not found in {ckpt_dir}; available steps: "
+                            f"{sorted(steps)}")
+  return CheckpointLocation(workdir=workdir, checkpoints=ckpt_dir, step=int(step))
+
+
+def saved_steps(ckpt_dir: str) -> list:
+  """The complete checkpoints (step directories with a `state` item) in `ckpt_dir`."""
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(int(d) for d in os.listdir(ckpt_dir)
+                if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "state")))
 
 
 def abstract_with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
@@ -101,26 +153,28 @@ class Checkpointer:
           f"resuming with {count} process(es) cannot restore the data-iterator positions exactly")
     return restored.state, per_process[pid], dict(restored.meta)
 
-  def restore_params(self, step: int | None, abstract_params: PyTree, *, skip: str = ""
-                     ) -> tuple[dict, list[str]]:
-    """Loads the params present in both this checkpoint and `abstract_params` (for init_from).
+  def restore_params(self, step: int | None, abstract_params: PyTree, *, skip: str = "",
+                     field: str = "init_from") -> tuple[dict, list[str]]:
+    """Loads the params present in both this checkpoint and `abstract_params` (ShapeDtypeStructs
+    with target shardings), straight into those shardings.
 
-    Returns (restored params by path, messages). Shape mismatches raise a ValueError naming every
-    mismatched param, unless the path matches `skip`.
+    Returns (restored params by path, messages about what was skipped, missing or unused).
+    Shape mismatches raise a ValueError naming every mismatched param, unless the path matches
+    `skip`; `field` is the option named in messages.
     """
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"init_from: no checkpoint in {self.directory}")
+      raise FileNotFoundError(f"{field}: no checkpoint in {self.directory}")
     meta = self.manager.item_metadata(step)["state"]
-    saved = _flatten(_get(meta, "params"))
-    wanted = _flatten(abstract_params)
+    saved = flatten(_get(meta, "params"))
+    wanted = flatten(abstract_params)
     rx = re.compile(skip) if skip else None
     messages, mismatched, target = [], [], {}
     for path, want in wanted.items():
       if rx is not None and rx.search(path):
-        messages.append(f"init_from: skipped by init_from_skip: {path}")
+        messages.append(f"{field}: skipped by init_from_skip: {path}")
       elif path not in saved:
-        messages.append(f"init_from: missing in checkpoint (kept fresh init): {path}")
+        messages.append(f"{field}: missing in checkpoint (kept fresh init): {path}")
       elif tuple(saved[path].shape) != tuple(want.shape):
         mismatched.append(f"{path}: checkpoint {tuple(saved[path].shape)} vs model "
                           f"{tuple(want.shape)}")
@@ -128,17 +182,17 @@ class Checkpointer:
         target[path] = want
     for path in saved:
       if path not in wanted:
-        messages.append(f"init_from: unused checkpoint param: {path}")
+        messages.append(f"{field}: unused checkpoint param: {path}")
     if mismatched:
-      raise ValueError("init_from: shape mismatch for " + "; ".join(mismatched) +
+      raise ValueError(f"{field}: shape mismatch for " + "; ".join(mismatched) +
                        " (set init_from_skip to a regex for params to leave freshly initialised)")
     # Partial restore of only the params we take; everything else in the checkpoint is ignored.
-    item = {"params": _unflatten(target)}
+    item = {"params": unflatten(target)}
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True)))
-    return _flatten(restored.state["params"]), messages
+    return flatten(restored.state["params"]), messages
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -165,27 +219,21 @@ def _get(tree, key):
   return tree[key] if isinstance(tree, dict) or hasattr(tree, "__getitem__") else getattr(tree, key)
 
 
-def _flatten(tree) -> dict:
-  out = {}
-  def visit(prefix, node):
-    if isinstance(node, dict) or (hasattr(node, "items") and not hasattr(node, "shape")):
-      for k, v in node.items():
-        visit(f"{prefix}/{k}" if prefix else str(k), v)
-    else:
-      out[prefix] = node
-  visit("", tree)
-  return out
+def flatten(tree) -> dict:
+  """{'a/b/c': leaf} of a nested dict of params (any mapping; arrays are leaves)."""
+  return flax.traverse_util.flatten_dict(_plain(tree), sep="/")
 
 
-def _unflatten(flat: dict) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
+def unflatten(flat: dict) -> dict:
+  """Inverse of `flatten`."""
+  return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _plain(tree):
+  """Nested plain dicts (Orbax metadata trees and FrozenDicts are mappings of their own types)."""
+  if hasattr(tree, "items") and not hasattr(tree, "shape"):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree
 
 
 def write_workdir_files(workdir: str, config_json: str, tokenizer_model: bytes | None):

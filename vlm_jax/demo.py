@@ -11,15 +11,15 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "shapes_coca.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config.",
-                                          lock_config=True)
+from vlm_jax import cli
+from vlm_jax import config_utils
+
+# The demo's experiment file, in the repository next to the package.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "shapes_coca.py")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/shapes_coca", "Run directory.")
 
 TARGETS = {"zeroshot/shapes/top1": 0.90, "caption/shapes/cider": 1.0}
@@ -32,13 +32,15 @@ def cache_dir() -> str:
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  config = _CONFIG.value
+  spec = cli.config_spec() or DEFAULT_CONFIG
+  config = config_utils.load_config(spec, cli.config_overrides())
   if config.data.data_dir is None:
     config.data.data_dir = os.path.join(cache_dir(), "tensorflow_datasets")
+  from vlm_jax import runtime  # pylint: disable=g-import-not-at-top
   from vlm_jax import train  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   print(f"[demo] preparing {config.data.name} in {config.data.data_dir} ...", flush=True)
-  train.prepare_data(config)
+  runtime.prepare_data(config)
   t1 = time.time()
   print(f"[demo] data ready ({t1 - t0:.0f}s); training {config.total_steps} steps of "
         f"{config.batch_size} into {_WORKDIR.value}", flush=True)
@@ -61,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -4,10 +4,11 @@ r"""Evaluate a checkpoint with the evals of a config.
       [--step N] [--config.evals.run=zeroshot,caption --config.evals.caption.beam_size=3 ...]
 
 Restores the latest (or the given) checkpoint of DIR, runs `vlm_jax.evals.run_evals` with the
-config's `evals` section on a data-parallel mesh over all devices, writes
-DIR/eval/metrics_<step>.json (and the generated captions to DIR/eval/captions_<step>.json), and
-prints the metrics as one JSON object on the last line of standard output. Without --config the
-config saved in DIR (config.json) is used.
+config's `evals` section on the config's mesh (or data parallelism over all devices when it does
+not fit), writes DIR/eval/metrics_<step>.json (and the generated captions to
+DIR/eval/captions_<step>.json), and prints the metrics as one JSON object on the last line of
+standard output. Without --config the config saved in DIR (config.json) is used, with any
+--config.<field>=<value> overrides applied to it.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
+from vlm_jax import cli
 from vlm_jax import evals as evals_lib
 from vlm_jax import inference
 from vlm_jax import sharding
@@ -31,11 +32,8 @@ _FLAGS = {}
 
 
 def define_flags():
-  """Command-line flags; defined only when run as a program, so that importing this module next
-  to the trainer (which has its own --config / --workdir) does not clash."""
-  _FLAGS["config"] = config_flags.DEFINE_config_file(
-      "config", None, "Experiment config file: path.py[:arg] (default: DIR/config.json)",
-      lock_config=True)
+  """--workdir and --step (and, through `vlm_jax.cli`, --config with its overrides). Defined only
+  when run as a program, so that importing this module next to the trainer does not clash."""
   _FLAGS["workdir"] = flags.DEFINE_string("workdir", None,
                                           "Run directory (or its checkpoints/ directory).")
   _FLAGS["step"] = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -59,8 +57,8 @@ def evaluate(config, workdir: str, step: int | None = None, *, mesh=None,
     mesh = _mesh(config)
   model = inference.load(workdir, loc.step, mesh=mesh, config=config)
   t0 = time.time()
-  metrics = evals_lib.run_evals(config, model.module, model.params, model.mesh, model.tokenizer,
-                                step=loc.step, context=model.context)
+  with model.context.scope():
+    metrics = evals_lib.run_evals(model.context, step=loc.step)
   logging.info("evaluation of step %d took %.1fs", loc.step, time.time() - t0)
   if write and jax.process_index() == 0:
     out_dir = os.path.join(loc.workdir or os.path.dirname(loc.checkpoints), "eval")
@@ -104,18 +102,14 @@ def _finite(metrics: dict) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  sharding.maybe_initialize_distributed()
+  cli.start()
+  workdir = _FLAGS["workdir"].value
   try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-  except Exception:  # pylint: disable=broad-except
-    pass
-  try:
-    metrics, step = evaluate(_FLAGS["config"].value, _FLAGS["workdir"].value,
-                             _FLAGS["step"].value)
+    loc = inference.locate(workdir, _FLAGS["step"].value)
+    config = cli.load_config(loc.workdir) if (cli.config_spec() or loc.workdir) else None
+    metrics, step = evaluate(config, workdir, loc.step)
   except (FileNotFoundError, ValueError) as e:
-    logging.error("%s", e)
-    raise SystemExit(f"error: {e}") from None
+    cli.fail(e)
   if jax.process_index() == 0:
     sys.stdout.flush()
     print(json.dumps({"step": step, **_finite(metrics)}, sort_keys=True), flush=True)
@@ -123,4 +117,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""Training objectives for CLIP, SigLIP and CoCa: pure functions of model outputs.
+"""Loss functions: pure functions of model outputs (tasks combine them; see vlm_jax.tasks).
 
 Plain losses (any sharding; XLA partitions them under `jax.jit`):
 
@@ -8,9 +8,8 @@ Plain losses (any sharding; XLA partitions them under `jax.jit`):
   (positive on the diagonal, negative elsewhere); the summed loss is divided by the batch size,
   as in the paper.
 * `caption_xent` -- next-token cross-entropy with padding masked out and optional label
-  smoothing, averaged over the real tokens.
-* `total_loss` -- `contrastive_weight * contrastive + caption_weight * caption` from the model's
-  output dict (CoCa: both; CLIP/SigLIP: contrastive only).
+  smoothing, averaged over the real tokens (`caption_xent_sum`: the sum and the token count).
+* `classification_xent_sum` -- softmax cross-entropy of class labels, with label smoothing.
 
 Memory-lean variants for large global batches (`loss.contrastive_impl = 'chunked'` or
 `'ring'`), written with `jax.shard_map` over the mesh axes that shard the batch:
@@ -124,6 +123,41 @@ def sigmoid_contrastive(image_embed, text_embed, logit_scale, logit_bias):
   return total / image_embed.shape[0]
 
 
+def token_nll(logits, targets, label_smoothing=0.0):
+  """Per-position cross-entropy [B, ...] of `targets` under `logits` [B, ..., V].
+
+  With label smoothing epsilon the target distribution is (1 - eps) * one_hot + eps / V.
+  """
+  chex.assert_type(logits, float)
+  chex.assert_type(targets, int)
+  chex.assert_equal_shape_prefix([logits, targets], targets.ndim)
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f"loss.label_smoothing: must be in [0, 1); got {label_smoothing}")
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  # Gather the target's log-prob instead of building a one-hot over the vocabulary.
+  nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  if label_smoothing:
+    # CE against the uniform part of the smoothed target: mean over the vocabulary of -log p.
+    uniform = -jnp.mean(log_probs, axis=-1)
+    nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+  return nll
+
+
+def caption_xent_sum(logits, targets, mask, label_smoothing=0.0):
+  """(summed next-token cross-entropy over the real tokens, number of real tokens).
+
+  logits [B, L, V] (position t predicts `targets[:, t]`), targets and mask [B, L]; padding
+  (mask False) contributes nothing. The pieces of `caption_xent`, for tasks that combine
+  token losses over several micro-batches.
+  """
+  chex.assert_rank(logits, 3)
+  chex.assert_rank([targets, mask], 2)
+  chex.assert_equal_shape([targets, mask])
+  nll = token_nll(logits, targets, label_smoothing)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
 def caption_xent(logits, targets, mask, label_smoothing=0.0):
   """Next-token cross-entropy averaged over the real (mask=True) tokens.
 
@@ -136,23 +170,16 @@ def caption_xent(logits, targets, mask, label_smoothing=0.0):
   Returns:
     Scalar float32. 0.0 when the mask is empty (rather than NaN).
   """
-  chex.assert_rank(logits, 3)
-  chex.assert_rank([targets, mask], 2)
-  chex.assert_type(logits, float)
-  chex.assert_type(targets, int)
-  chex.assert_equal_shape([targets, mask])
-  chex.assert_equal_shape_prefix([logits, targets], 2)
-  if not 0.0 <= label_smoothing < 1.0:
-    raise ValueError(f"loss.label_smoothing: must be in [0, 1); got {label_smoothing}")
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  # Gather the target's log-prob instead of building a [B, L, V] one-hot.
-  nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  if label_smoothing:
-    # CE against the uniform part of the smoothed target: mean over the vocabulary of -log p.
-    uniform = -jnp.mean(log_probs, axis=-1)
-    nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  total, count = caption_xent_sum(logits, targets, mask, label_smoothing)
+  return total / jnp.maximum(count, 1.0)
+
+
+def classification_xent_sum(logits, labels, label_smoothing=0.0):
+  """(summed softmax cross-entropy of `labels` [B] under `logits` [B, C], number of examples)."""
+  chex.assert_rank(logits, 2)
+  chex.assert_rank(labels, 1)
+  nll = token_nll(logits, labels, label_smoothing)
+  return jnp.sum(nll), jnp.float32(labels.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,7 +421,7 @@ def ring_softmax_contrastive(image_embed, text_embed, logit_scale, *, mesh,
 
 
 # ----------------------------------------------------------------------------------------------
-# Combination used by the trainer.
+# The configured contrastive loss.
 
 
 def _resolve_mesh(mesh):
@@ -432,50 +459,3 @@ def contrastive_loss(outputs, loss_config, *, mesh=None):
   if mesh is None:
     return sigmoid_contrastive(img, txt, scale, bias)
   return chunked_sigmoid_contrastive(img, txt, scale, bias, mesh=mesh)
-
-
-def total_loss(outputs: Mapping[str, Any], text, loss_config, pad_id: int, *, mesh=None):
-  """Weighted sum of the contrastive and captioning terms.
-
-  Args:
-    outputs: the model's output dict (`image_embed`, `text_embed`, `logit_scale`, `logit_bias`,
-      and for CoCa `caption_logits` [B, L, V]).
-    text: [B, L] int token ids the model was given (`bos ... eos pad`).
-    loss_config: `config.loss` (contrastive, contrastive_impl, contrastive_weight,
-      caption_weight, label_smoothing).
-    pad_id: the padding token id; padded targets are masked out of the caption loss.
-    mesh: mesh for `contrastive_impl='chunked'|'ring'` (default: the ambient `jax.set_mesh`
-      mesh).
-
-  Returns:
-    (loss, metrics): metrics has `loss`, `contrastive_loss` and `caption_loss` (0.0 for a term
-    that is switched off), `logit_scale`, and `logit_bias` when the model returns one.
-  """
-  metrics = {}
-  loss = jnp.float32(0.0)
-  if loss_config.contrastive != "none":
-    con = contrastive_loss(outputs, loss_config, mesh=mesh)
-    loss = loss + loss_config.contrastive_weight * con
-  else:
-    con = jnp.float32(0.0)
-  metrics["contrastive_loss"] = con
-
-  cap = jnp.float32(0.0)
-  if loss_config.caption_weight:
-    if "caption_logits" not in outputs:
-      raise ValueError(f"loss.caption_weight={loss_config.caption_weight} but the model returns "
-                       "no caption_logits (only CoCa does); set loss.caption_weight=0")
-    # CoCa teacher forcing: logits at position t predict token t + 1.
-    logits = outputs["caption_logits"][:, :-1]
-    targets = text[:, 1:]
-    cap = caption_xent(logits, targets, targets != pad_id,
-                       label_smoothing=loss_config.get("label_smoothing", 0.0))
-    loss = loss + loss_config.caption_weight * cap
-  metrics["caption_loss"] = cap
-
-  metrics["loss"] = loss
-  if "logit_scale" in outputs:
-    metrics["logit_scale"] = jnp.asarray(outputs["logit_scale"], jnp.float32)
-  if "logit_bias" in outputs:
-    metrics["logit_bias"] = jnp.asarray(outputs["logit_bias"], jnp.float32)
-  return loss, metrics

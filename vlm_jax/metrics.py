@@ -1,7 +1,9 @@
-"""Training metrics: JSON lines, TensorBoard events, a console progress bar, FLOPs and MFU.
+"""Training metrics: JSON lines, TensorBoard events, a console progress bar, and device peaks.
 
 Only the primary process writes. Values are pulled to the host only at log steps, so logging adds
-no per-step device synchronisation.
+no per-step device synchronisation. Training FLOPs per example come from the task
+(`Task.train_flops_per_example`: 3 x the forward matmul FLOPs of its towers, causal attention
+counted at half); MFU divides the measured TFLOP/s by the device's peak below.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import time
 from typing import Any, Mapping
 
 import jax
-import ml_collections
 
 # Peak dense bf16 FLOP/s per device (chip), from vendors' data sheets.
 PEAK_FLOPS = {
@@ -38,45 +39,6 @@ def device_peak_flops(device=None) -> float | None:
     if key.lower() in kind.lower():
       return PEAK_FLOPS[key]
   return None
-
-
-def _encoder_flops(tokens: int, width: int, depth: int, mlp: int, causal: bool,
-                   kv_tokens: int | None = None) -> float:
-  """Forward matmul FLOPs of `depth` pre-LN blocks on one example (2 FLOPs per MAC)."""
-  proj = 2 * tokens * (4 * width * width + 2 * width * mlp)
-  attn = 2 * 2 * tokens * tokens * width            # QK^T and AV
-  if causal:
-    attn /= 2
-  return depth * (proj + attn)
-
-
-def train_flops_per_example(config: ml_collections.ConfigDict) -> float:
-  """Training FLOPs per example: 3 x forward matmul FLOPs (backward = 2 x forward), causal
-  attention counted at half. Embedding lookups and elementwise ops are not counted."""
-  from vlm_jax.models.vit import parse_variant   # the variant table lives with the model
-  m = config.model
-  sizes = parse_variant(m.image.variant)
-  patch = sizes["patch_size"]
-  image_width = m.image.width or sizes["width"]
-  image_depth = m.image.depth or sizes["depth"]
-  image_mlp = m.image.mlp_dim or sizes["mlp_dim"]
-  t, d = m.text, m.decoder
-  n_img = (m.image.image_size // patch) ** 2 + (1 if m.image.class_token else 0)
-  f = 2 * n_img * patch * patch * 3 * image_width                          # patch embedding
-  f += _encoder_flops(n_img, image_width, image_depth, image_mlp, causal=False)
-  if m.image.pool == "map":                                                  # 1 query, MLP on it
-    f += 2 * (n_img * 2 * image_width * image_width + 2 * image_width * image_width
-              + 2 * image_width * image_mlp + 2 * n_img * image_width)
-  L = t.context_length
-  f += _encoder_flops(L, t.width, t.depth, t.mlp_dim, causal=t.causal)
-  f += 2 * (image_width + t.width) * m.embed_dim                             # projections
-  f += 2 * 2 * config.batch_size * m.embed_dim                               # logits row+col
-  if m.kind == "coca":
-    w = d.width
-    self_blk = _encoder_flops(L, w, d.depth, d.mlp_dim, causal=True)
-    cross = d.depth * 2 * (2 * L * w * w + 2 * n_img * image_width * w + 2 * L * n_img * w)
-    f += self_blk + cross + 2 * L * w * t.vocab_size
-  return 3.0 * f
 
 
 class MetricWriter:

@@ -3,19 +3,24 @@ r"""Caption and / or zero-shot classify image files with a trained checkpoint.
   python -m vlm_jax.predict --workdir runs/shapes_coca --image a.png [--image b.png ...] \
       [--labels "red circle,blue square"] [--templates photo] [--beam 3] [--max_len 12] [--json]
 
-For each image prints its caption (models with a caption decoder, i.e. CoCa) and, with --labels,
-the zero-shot probability of each label (softmax over the labels; SigLIP: independent sigmoids).
-Images are preprocessed exactly as in evaluation (config.data: resize, centre crop, normalise).
+For each image prints its caption (models that generate: CoCa, captioners) and, with --labels,
+the zero-shot probability of each label (softmax over the labels; a model trained with the
+sigmoid loss: independent sigmoids). A classifier prints its top classes. Images are preprocessed
+exactly as in evaluation (config.data: resize, centre crop, normalise).
 """
 from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from absl import app
 from absl import flags
-from absl import logging
 
+from vlm_jax import cli
 from vlm_jax import inference
+
+TOP_CLASSES = 5
 
 _FLAGS = {}
 
@@ -40,16 +45,24 @@ def define_flags():
 
 def predict(model: inference.Model, paths, labels=None, templates="photo", beam=1, max_len=None,
             caption=True) -> list:
-  """[{'image': path, 'caption'?: str, 'probs'?: {label: p}}] for image files `paths`."""
+  """[{'image': path, 'caption'?: str, 'probs'?: {label: p}}] for image files `paths`: the
+  caption (models that generate), zero-shot probabilities of `labels`, or a classifier's top
+  classes."""
   images = model.load_images(paths)
   results = [{"image": str(p)} for p in paths]
-  if caption and model.kind == "coca":
+  if caption and model.can_generate:
     for r, c in zip(results, model.generate(images, max_len=max_len, beam=beam)):
       r["caption"] = c
   if labels:
     probs = model.classify(images, labels, templates=templates)
     for r, row in zip(results, probs):
       r["probs"] = {label: float(p) for label, p in zip(labels, row)}
+  elif model.has_classifier:
+    probs = model.classify(images)
+    names = model.class_names or [str(i) for i in range(probs.shape[1])]
+    for r, row in zip(results, probs):
+      top = np.argsort(-row)[:TOP_CLASSES]
+      r["probs"] = {names[i]: float(row[i]) for i in top}
   return results
 
 
@@ -60,13 +73,13 @@ def main(argv):
   labels = [l.strip() for l in (f["labels"] or "").split(",") if l.strip()]
   try:
     model = inference.load(f["workdir"], f["step"])
-    if not labels and model.kind != "coca":
-      raise ValueError(f"model.kind={model.kind!r} cannot caption; pass --labels for zero-shot")
+    if not labels and not model.can_generate and not model.has_classifier:
+      raise ValueError(f"task {model.task.name!r} cannot caption or classify on its own; pass "
+                       "--labels for zero-shot classification")
     results = predict(model, f["image"], labels, f["templates"], f["beam"], f["max_len"],
                       f["caption"])
   except (FileNotFoundError, ValueError) as e:
-    logging.error("%s", e)
-    raise SystemExit(f"error: {e}") from None
+    cli.fail(e)
   for r in results:
     if f["json"]:
       print(json.dumps(r), flush=True)
@@ -80,4 +93,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -28,6 +28,7 @@ Typical use in a trainer::
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):       # for with_logical_constraint
     state, metrics = train_step(state, batch)
 """
+import contextlib
 import math
 import os
 from typing import Any, Sequence
@@ -62,6 +63,7 @@ DEFAULT_RULES = (
     ("joint", None),         # joint image-text embedding dim (projection outputs)
     ("patch", None),         # patch-embedding input features (p * p * 3)
     ("layers", None),        # stacked-layer axis of nn.scan
+    ("classes", None),       # classifier outputs
 )
 
 
@@ -204,6 +206,30 @@ def logical_to_mesh_sharding(tree, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES)
     return NamedSharding(mesh, _fit_spec(spec, shape, mesh, where))
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, tree, is_leaf=_is_boxed)
+
+
+@contextlib.contextmanager
+def mesh_scope(mesh: jax.sharding.Mesh, rules):
+  """`jax.set_mesh(mesh)` + Linen's logical axis `rules`: needed while tracing model code that
+  constrains shardings by logical names (jit, eval_shape, init)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def abstract_params(init_fn, mesh: jax.sharding.Mesh, rules) -> tuple[Any, Any]:
+  """(abstract params, their NamedShardings) of `init_fn() -> boxed params`, without running it.
+
+  The abstract params are unboxed ShapeDtypeStructs carrying their target shardings: what a
+  restore should produce, and the `out_shardings` that create params already sharded.
+  """
+  with mesh_scope(mesh, rules):
+    boxed = jax.eval_shape(init_fn)
+  shardings = logical_to_mesh_sharding(boxed, mesh, rules)
+  unboxed = nn.unbox(boxed)
+  shardings = jax.tree.map(lambda _, s: s, unboxed, shardings)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          unboxed, shardings)
+  return abstract, shardings
 
 
 def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -33,15 +33,14 @@ def check_against_model(params: dict, config) -> None:
   """The converted tree must be exactly the tree the config's model initialises."""
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vlm_jax import models  # pylint: disable=g-import-not-at-top
+  from vlm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vlm_jax import tasks  # pylint: disable=g-import-not-at-top
 
-  model = models.build_model(config.model)
-  size, length = config.model.image.image_size, config.model.text.context_length
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)))
-  want = flax.traverse_util.flatten_dict(flax.linen.unbox(abstract["params"]), sep="/")
-  got = flax.traverse_util.flatten_dict(params, sep="/")
+  task = tasks.get(config.task)
+  model = task.build_model(config)
+  abstract = jax.eval_shape(lambda: task.init_params(model, config, jax.random.key(0)))
+  want = checkpoint.flatten(flax.linen.unbox(abstract))
+  got = checkpoint.flatten(params)
   problems = [f"missing {k}" for k in want if k not in got]
   problems += [f"extra {k}" for k in got if k not in want]
   problems += [f"{k}: {tuple(got[k].shape)} vs model {tuple(want[k].shape)}"

@@ -206,49 +206,37 @@ def grid_from_positions(n_positions: int, source: str) -> int:
 
 
 def to_config(arch: ClipArch, *, tokenizer_path: str | None = None):
-  """The vlm_jax experiment config of a converted model (unlocked ConfigDict).
+  """The vlm_jax config of a converted model (complete, locked).
 
   The model fields reproduce the original forward pass exactly; data / evals defaults use the
   OpenAI preprocessing (bicubic resize of the short side, centre crop, OpenAI mean/std).
   """
-  from configs import common  # pylint: disable=g-import-not-at-top
-
-  config = common.ml_collections.ConfigDict()
-  config.model = common.model_config("clip", embed_dim=arch.embed_dim)
-  m = config.model
-  m.image = common.vit_config(f"B/{arch.patch_size}", image_size=arch.image_size, pool="cls")
-  m.image.update(width=arch.vision_width, depth=arch.vision_layers, num_heads=arch.vision_heads,
-                 mlp_dim=arch.vision_mlp, class_token=True, ln_pre=True, act=arch.vision_act,
-                 ln_eps=arch.vision_ln_eps, use_bias=True, posemb="learn")
-  if "patch_bias" in m.image:
-    m.image.patch_bias = False
-  m.text = common.text_config(vocab_size=arch.vocab_size, context_length=arch.context_length,
-                              width=arch.text_width, depth=arch.text_layers,
-                              num_heads=arch.text_heads, mlp_dim=arch.text_mlp)
-  m.text.update(causal=True, pool="eos", act=arch.text_act, ln_eps=arch.text_ln_eps,
-                use_bias=True)
-  # OpenAI CLIP never masks padding (causal attention, pooled at the eos) and its pad id 0 is
-  # also a real token (the '!' byte symbol); -1 matches no token, so nothing is masked, exactly
-  # as in the original. The tokenizer still pads with 0.
-  m.text.pad_id = -1
-  m.proj_bias = False
-  m.logit_scale_init = math.log(1 / 0.07)
-  m.max_logit_scale = 100.0
-  m.dtype = "auto"
-  config.loss = common.loss_config("clip")
-  config.data = common.data_config(image_size=arch.image_size)
-  config.data.mean = OPENAI_MEAN
-  config.data.std = OPENAI_STD
-  if "eval_crop" in config.data:   # the pipeline's OpenAI resize-then-crop option, when present
-    config.data.eval_crop = "openai"
-  config.tokenizer = common.tokenizer_config(vocab_size=arch.vocab_size,
-                                             context_length=arch.context_length)
-  config.tokenizer.kind = "bpe"
-  if tokenizer_path:
-    config.tokenizer.model_path = tokenizer_path
-  config.mesh = common.mesh_config()
-  config.sharding_rules = common.sharding_rules()
-  config.update(common.train_config())
-  if hasattr(common, "evals_config"):
-    config.evals = common.evals_config(run="zeroshot")
-  return config
+  from vlm_jax import config_utils  # pylint: disable=g-import-not-at-top
+  user = {
+      "task": "contrastive",
+      "model": {
+          "embed_dim": arch.embed_dim, "proj_bias": False, "logit_scale_init": math.log(1 / 0.07),
+          "max_logit_scale": 100.0, "dtype": "auto",
+          "image": {"name": "vit", "variant": f"B/{arch.patch_size}",
+                    "image_size": arch.image_size, "pool": "cls", "width": arch.vision_width,
+                    "depth": arch.vision_layers, "num_heads": arch.vision_heads,
+                    "mlp_dim": arch.vision_mlp, "class_token": True, "ln_pre": True,
+                    "act": arch.vision_act, "ln_eps": arch.vision_ln_eps, "use_bias": True,
+                    "posemb": "learn", "patch_bias": False},
+          # OpenAI CLIP never masks padding (causal attention, pooled at the eos) and its pad
+          # id 0 is also a real token (the '!' byte symbol); -1 matches no token, so nothing is
+          # masked, exactly as in the original. The tokenizer still pads with 0.
+          "text": {"name": "transformer", "vocab_size": arch.vocab_size,
+                   "context_length": arch.context_length, "width": arch.text_width,
+                   "depth": arch.text_layers, "num_heads": arch.text_heads,
+                   "mlp_dim": arch.text_mlp, "causal": True, "pool": "eos", "act": arch.text_act,
+                   "ln_eps": arch.text_ln_eps, "use_bias": True, "pad_id": -1},
+      },
+      "loss": {"contrastive": "softmax"},
+      "data": {"image_size": arch.image_size, "mean": OPENAI_MEAN, "std": OPENAI_STD,
+               "eval_crop": "openai"},
+      "tokenizer": {"kind": "bpe", "vocab_size": arch.vocab_size,
+                    "context_length": arch.context_length, "model_path": tokenizer_path},
+      "evals": {"run": "zeroshot"},
+  }
+  return config_utils.complete(user, source="convert")

@@ -1,27 +1,28 @@
-"""Input pipeline: raw examples -> decoded, augmented, normalised, tokenized per-process batches.
+"""Input pipeline: raw examples -> decoded, augmented, normalised per-process batches of named fields.
 
-    source (vlm_jax.data.sources) -> decode -> crop/resize -> normalise -> batch + tokenize
+    source (vlm_jax.data.sources) -> decode -> crop/resize -> normalise -> field ops -> batch
 
-Batches are dicts of numpy arrays (the contract in the README):
+Batches are dicts of numpy arrays: always
   image  float32 [B, H, W, 3] normalised with data.mean / data.std
-  text   int32 [B, L]  bos ... eos pad ...
-  label  int32 [B]     -1 where the source has no label
-  mask   bool [B]      False for padding examples (eval only)
-  captions / captions_mask  int32 [B, K, L] / bool [B, K]: with data.eval_all_captions, up to
-         K = data.eval_max_captions captions per image for retrieval (eval only).
+  mask   bool [B]     False for padding examples (the tail of an eval split)
+plus whatever the field ops (`vlm_jax.data.ops`) of the task or evaluator produce, e.g.
+  text   int32 [B, L]  bos ... eos pad ...            (ops.Caption)
+  label  int32 [B]     -1 where the source has none   (ops.Label)
+  captions / captions_mask  int32 [B, K, L] / bool [B, K]   (ops.AllCaptions)
 
-Why grain. Random-access sources (TFDS array_record via `tfds.data_source`, captions.jsonl) are
-read with `grain.MapDataset`: the read order is a pure function of (seed, position), so the
-iterator's state is one small dict, a restored iterator yields exactly the batches an
-uninterrupted one would have, and per-example randomness (crop, caption choice) is derived from
-(seed, position) too. Tar shards and TFRecord-only TFDS datasets cannot be indexed globally, so a
-small threaded reader walks them in an order that is a pure function of
+Why grain. Random-access sources (TFDS array_record via `tfds.data_source`, captions.jsonl,
+ImageFolder) are read with `grain.MapDataset`: the read order is a pure function of
+(seed, position), so the iterator's state is one small dict, a restored iterator yields exactly
+the batches an uninterrupted one would have, and per-example randomness (crop, caption choice) is
+derived from (seed, position) too. Tar shards and TFRecord-only TFDS datasets cannot be indexed
+globally, so a small threaded reader walks them in an order that is a pure function of
 (seed, epoch, group, offset) (see `sources.WdsSource`), with the same guarantees.
 
-Bad data (an undecodable image, no usable caption, a truncated tar shard, an unreadable file) is
-skipped, never replaced: the batch is filled with the next good examples. Each skip is counted by
-reason (`DataIterator.skipped_counts()`, also part of the iterator state so resumed counts
-continue) and logged once per sample with its file and key.
+Bad data (an undecodable image, no usable caption, a missing label where one is required, a
+truncated tar shard, an unreadable file) is skipped, never replaced: the batch is filled with the
+next good examples. Each skip is counted by reason (`DataIterator.skipped_counts()`, also part
+of the iterator state so resumed counts continue) and logged once per sample with its file and
+key.
 """
 import collections
 import concurrent.futures
@@ -29,10 +30,6 @@ import io
 import json
 import logging
 import math
-import queue
-import threading
-import time
-from typing import Any, Callable
 
 import grain
 import numpy as np
@@ -40,22 +37,17 @@ from PIL import Image
 
 from vlm_jax.data import openai_preprocess
 from vlm_jax.data import sources as sources_lib
+from vlm_jax.data.ops import BadExample
 
 _STATE_VERSION = 1
+TRAIN_CROPS = ("random_resized", "resize")
+EVAL_CROPS = ("center", "openai")
 _MAX_LOGGED_KEYS = 1000
 
 
 # ------------------------------------------------------------------------------------------------
 # Per-example processing
 # ------------------------------------------------------------------------------------------------
-
-
-class BadExample(Exception):
-  """Raised inside preprocessing; turned into a skip marker with this reason."""
-
-  def __init__(self, reason):
-    super().__init__(reason)
-    self.reason = reason
 
 
 def _open_image(data, target_size, min_side_fraction):
@@ -110,65 +102,32 @@ def _center_box(w, h):
   return (x, y, x + side, y + side)
 
 
-def _clean_captions(captions):
-  """UTF-8, stripped, non-empty captions; raises BadExample when none is left."""
-  out, bad_encoding = [], False
-  for c in captions:
-    if isinstance(c, np.ndarray):
-      c = c.item()
-    if isinstance(c, bytes):
-      try:
-        c = c.decode("utf-8")
-      except UnicodeDecodeError:
-        bad_encoding = True
-        continue
-    c = str(c).strip()
-    if c:
-      out.append(c)
-  if not out:
-    raise BadExample("non_utf8_caption" if bad_encoding else "empty_caption")
-  return out
-
-
 class Preprocess:
-  """raw example -> normalised image + chosen caption string (or a skip marker); `collate`
-  stacks and tokenizes a batch. Picklable, for grain worker processes."""
+  """raw example -> normalised image + the field ops' values (or a skip marker); `collate`
+  stacks a batch. Picklable, for grain worker processes."""
 
-  def __init__(self, data_config, tokenizer, context_length, train):
+  def __init__(self, data_config, field_ops, train):
     self.train = train
+    self.ops = list(field_ops)
     self.size = int(data_config.image_size)
     self.mean = np.asarray(data_config.mean, np.float32).reshape(1, 1, 3)
     self.inv_std = 1.0 / np.asarray(data_config.std, np.float32).reshape(1, 1, 3)
     if train:
       self.crop = data_config.train_crop
-      if self.crop not in ("random_resized", "resize"):
-        raise ValueError(f"data.train_crop: unknown crop {self.crop!r}; expected random_resized "
-                         "or resize")
+      if self.crop not in TRAIN_CROPS:
+        raise ValueError(f"data.train_crop: unknown crop {self.crop!r}; expected one of "
+                         f"{', '.join(TRAIN_CROPS)}")
     else:
       # 'center': central square, then resize. 'openai': bicubic resize of the short side, then
       # centre crop, as OpenAI's CLIP transform (for imported weights; pixel-exact with theirs).
       self.crop = data_config.eval_crop
-      if self.crop not in ("center", "openai"):
-        raise ValueError(f"data.eval_crop: unknown crop {self.crop!r}; expected center or openai")
+      if self.crop not in EVAL_CROPS:
+        raise ValueError(f"data.eval_crop: unknown crop {self.crop!r}; expected one of "
+                         f"{', '.join(EVAL_CROPS)}")
     self.min_scale, self.max_scale = float(data_config.min_scale), float(data_config.max_scale)
     if not 0 < self.min_scale <= self.max_scale <= 1:
       raise ValueError(f"data.min_scale/max_scale: need 0 < {self.min_scale} <= "
                        f"{self.max_scale} <= 1")
-    self.all_captions = bool(data_config.eval_all_captions) and not train
-    self.max_captions = int(data_config.eval_max_captions)
-    self.tokenizer = tokenizer
-    self.length = int(context_length)
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    tok = state.pop("tokenizer")
-    state["_tokenizer"] = (type(tok), tok.model_proto) if hasattr(tok, "model_proto") else tok
-    return state
-
-  def __setstate__(self, state):
-    tok = state.pop("_tokenizer")
-    state["tokenizer"] = tok[0](tok[1]) if isinstance(tok, tuple) else tok
-    self.__dict__.update(state)
 
   def _image(self, data, rng):
     if self.crop == "openai":
@@ -193,10 +152,9 @@ class Preprocess:
 
   def template(self):
     """A padding example (mask=False) with this preprocessing's shapes and dtypes."""
-    out = {"image": np.zeros((self.size, self.size, 3), np.float32), "caption": None,
-           "label": np.int32(-1), "mask": np.bool_(False)}
-    if self.all_captions:
-      out["all_captions"] = []
+    out = {"image": np.zeros((self.size, self.size, 3), np.float32), "mask": np.bool_(False)}
+    for op in self.ops:
+      out.update(op.padding())
     return out
 
   def __call__(self, raw, rng=None):
@@ -204,47 +162,18 @@ class Preprocess:
     if raw.get("error"):
       return {"_skip": raw["error"], "_key": key}
     try:
-      # None: a source without text (classification eval sets); the text is all padding.
-      captions = None if raw["captions"] is None else _clean_captions(raw["captions"])
-      image = self._image(raw["image"], rng)
+      out = {"image": self._image(raw["image"], rng), "mask": np.bool_(True)}
+      for op in self.ops:
+        out.update(op(raw, rng, self.train))
     except BadExample as e:
       return {"_skip": e.reason, "_key": key}
-    if captions is None:
-      caption, captions = None, []
-    elif self.train:
-      caption = captions[int(rng.integers(len(captions)))]
-    else:
-      caption = captions[0]
-    out = {"image": image, "caption": caption, "label": np.int32(raw.get("label", -1)),
-           "mask": np.bool_(True)}
-    if self.all_captions:
-      out["all_captions"] = captions[:self.max_captions]
     return out
 
   def collate(self, examples):
-    """Stacks examples into a batch, tokenizing all its captions in one call (a per-example call
-    costs far more: SentencePiece's list encoder starts a thread pool each time)."""
-    batch = {k: np.stack([e[k] for e in examples]) for k in ("image", "label", "mask")}
-    texts, where = [], []
-    for i, e in enumerate(examples):
-      if e["caption"] is not None:
-        texts.append(e["caption"])
-        where.append((i, None))
-      for j, c in enumerate(e.get("all_captions") or []):
-        texts.append(c)
-        where.append((i, j))
-    tokens = (self.tokenizer.encode(texts, self.length) if texts
-              else np.zeros((0, self.length), np.int32))
-    batch["text"] = np.zeros((len(examples), self.length), np.int32)
-    if self.all_captions:
-      batch["captions"] = np.zeros((len(examples), self.max_captions, self.length), np.int32)
-      batch["captions_mask"] = np.zeros((len(examples), self.max_captions), bool)
-    for (i, j), row in zip(where, tokens):
-      if j is None:
-        batch["text"][i] = row
-      else:
-        batch["captions"][i, j] = row
-        batch["captions_mask"][i, j] = True
+    """Stacks examples into a batch; each op collates its own fields."""
+    batch = {k: np.stack([e[k] for e in examples]) for k in ("image", "mask")}
+    for op in self.ops:
+      batch.update(op.collate(examples))
     return batch
 
 
@@ -430,55 +359,33 @@ class DataIterator:
 # ------------------------------------------------------------------------------------------------
 
 
-def _settings(config, batch_size, context_length, process_index, process_count):
-  """(data config, per-process batch size, context length, process index, count)."""
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  data = config.data if "data" in config else config
-  if batch_size is None:
-    if "batch_size" not in config:
-      raise ValueError("batch_size: pass the per-process batch size or a config with batch_size")
-    if config.batch_size % process_count:
-      raise ValueError(f"batch_size: global batch {config.batch_size} is not divisible by "
-                       f"{process_count} processes")
-    batch_size = config.batch_size // process_count
-  if context_length is None:
-    if "tokenizer" in config:
-      context_length = config.tokenizer.context_length
-    elif "model" in config:
-      context_length = config.model.text.context_length
-    else:
-      raise ValueError("context_length: pass it or a config with tokenizer.context_length")
+def _check_share(batch_size, process_index, process_count):
   if batch_size < 1:
     raise ValueError(f"batch_size: per-process batch size {batch_size} < 1")
-  return data, int(batch_size), int(context_length), process_index, process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
 
 
-def make_train_iterator(config, tokenizer, *, process_index=None, process_count=None,
-                        batch_size=None, context_length=None, source=None):
+def make_train_iterator(data_config, field_ops, *, batch_size, process_index=0, process_count=1,
+                        source=None):
   """Endless (or data.num_epochs) shuffled, augmented per-process batches.
 
   Args:
-    config: the experiment config (uses .data, .batch_size = GLOBAL batch, .tokenizer or
-      .model.text for the context length) or a data config (then pass batch_size and
-      context_length).
-    tokenizer: a `vlm_jax.data.tokenizer.Tokenizer` (anything with encode(texts, length)).
-    process_index, process_count: this process's share; default jax.process_index()/count().
-    batch_size: per-process batch size; default config.batch_size // process_count.
-    context_length: text length; default config.tokenizer.context_length.
-    source: a prebuilt source (default: sources.make_source(data, 'train')).
+    data_config: `config.data`.
+    field_ops: the batch fields besides image and mask (`Task.train_ops`).
+    batch_size: this process's batch size (the global batch / process count).
+    process_index, process_count: this process's share.
+    source: a prebuilt source (default: sources.make_source(data_config, 'train')).
 
   Every process reads a disjoint share: for random-access sources, global positions
   process_index, process_index + process_count, ... of the epoch-wise shuffled order (an epoch is
   covered exactly by the union of the processes); for tar shards, every process_count-th shard;
   for TFRecord TFDS, `tfds.even_splits`.
   """
-  data, bs, length, pi, pc = _settings(config, batch_size, context_length, process_index,
-                                       process_count)
+  _check_share(batch_size, process_index, process_count)
+  data, pi, pc = data_config, process_index, process_count
   source = source if source is not None else sources_lib.make_source(data, "train")
-  preprocess = Preprocess(data, tokenizer, length, train=True)
+  preprocess = Preprocess(data, field_ops, train=True)
   seed = int(data.shuffle_seed)
   if getattr(source, "random_access", False):
     if len(source) < pc:
@@ -492,26 +399,26 @@ def make_train_iterator(config, tokenizer, *, process_index=None, process_count=
     stream = _SequentialStream(source, preprocess, process_index=pi, process_count=pc, seed=seed,
                                shuffle=True, num_epochs=data.num_epochs,
                                threads=data.read_threads)
-  return DataIterator(stream, bs, preprocess.collate)
+  return DataIterator(stream, batch_size, preprocess.collate)
 
 
-def make_eval_iterator(config, tokenizer, *, process_index=None, process_count=None,
-                       batch_size=None, context_length=None, source=None):
+def make_eval_iterator(data_config, field_ops, *, batch_size, process_index=0, process_count=1,
+                       source=None):
   """One pass over this process's share of the eval split, in order, no augmentation.
 
   Every process yields the same number of batches (ceil(largest share / batch_size)); the tail
   is padded with mask=False examples, so each real example appears exactly once over all
   processes. Skipped (bad) examples make a share shorter, never the batch count different.
   """
-  data, bs, length, pi, pc = _settings(config, batch_size, context_length, process_index,
-                                       process_count)
+  _check_share(batch_size, process_index, process_count)
+  data, pi, pc = data_config, process_index, process_count
   source = source if source is not None else sources_lib.make_source(data, "eval")
-  preprocess = Preprocess(data, tokenizer, length, train=False)
+  preprocess = Preprocess(data, field_ops, train=False)
   if getattr(source, "random_access", False):
     n = len(source)
     shares = [sources_lib.even_share(n, p, pc, drop_remainder=False) for p in range(pc)]
     sizes = [end - start for start, end in shares]
-    start, end = sources_lib.even_share(n, pi, pc, drop_remainder=False)
+    start, end = shares[pi]
     ds = grain.MapDataset.source(source)[start:end].map(preprocess)
     stream = _GrainStream(_to_iter(ds, data))
   else:
@@ -519,8 +426,8 @@ def make_eval_iterator(config, tokenizer, *, process_index=None, process_count=N
     stream = _SequentialStream(source, preprocess, process_index=pi, process_count=pc,
                                seed=int(data.shuffle_seed), shuffle=False, num_epochs=1,
                                threads=data.read_threads)
-  num_batches = -(-max(sizes) // bs) if sizes else 0
-  return DataIterator(stream, bs, preprocess.collate, padding=preprocess.template(),
+  num_batches = -(-max(sizes) // batch_size) if sizes else 0
+  return DataIterator(stream, batch_size, preprocess.collate, padding=preprocess.template(),
                       num_batches=num_batches)
 
 
@@ -528,99 +435,7 @@ def _to_iter(ds, data):
   read = grain.ReadOptions(num_threads=max(1, int(data.read_threads)), prefetch_buffer_size=256)
   it_ds = ds.to_iter_dataset(read)
   if data.worker_count and data.worker_count > 0:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults outside app.run)
-      flags.FLAGS.mark_as_parsed()
+    # grain's worker processes read absl flags: outside a command line, the caller marks them
+    # parsed first (`vlm_jax.cli.ensure_flags_parsed`).
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.worker_count)))
   return it_ds
-
-
-# ------------------------------------------------------------------------------------------------
-# Device prefetch
-# ------------------------------------------------------------------------------------------------
-
-_END = object()
-
-
-class DevicePrefetcher:
-  """Puts the next `size` batches on device from a background thread.
-
-  `put` maps a numpy batch to device arrays (e.g. `jax.make_array_from_process_local_data` with
-  the batch sharding). `wait_seconds` accumulates the time the consumer blocked on input; read and
-  reset it per logging interval with `pop_wait_seconds()` ('time waiting on input'). The state
-  (`get_state`) and skip counts are those of the last batch handed to the consumer, not of the
-  batches prefetched beyond it, so checkpoints stay exact.
-  """
-
-  def __init__(self, iterator: DataIterator, put: Callable[[dict], Any], size: int = 2):
-    self._it, self._put, self._size = iterator, put, max(1, int(size))
-    self._state = iterator.get_state()
-    self._skipped = iterator.skipped_counts()
-    self.wait_seconds = 0.0
-    self._start()
-
-  def _start(self):
-    self._queue = queue.Queue(maxsize=self._size)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._work, daemon=True, name="device-prefetch")
-    self._thread.start()
-
-  def _work(self):
-    try:
-      for batch in self._it:
-        item = (self._put(batch), self._it.get_state(), self._it.skipped_counts())
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if self._stop.is_set():
-          return
-      self._queue.put(_END)
-    except Exception as e:  # pylint: disable=broad-except
-      self._queue.put(e)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    t0 = time.perf_counter()
-    item = self._queue.get()
-    self.wait_seconds += time.perf_counter() - t0
-    if item is _END:
-      self._queue.put(_END)
-      raise StopIteration
-    if isinstance(item, Exception):
-      raise item
-    batch, self._state, self._skipped = item
-    return batch
-
-  def pop_wait_seconds(self):
-    wait, self.wait_seconds = self.wait_seconds, 0.0
-    return wait
-
-  def skipped_counts(self):
-    return dict(self._skipped)
-
-  def get_state(self):
-    return self._state
-
-  def _halt(self):
-    self._stop.set()
-    while self._thread.is_alive():
-      try:
-        self._queue.get(timeout=0.05)
-      except queue.Empty:
-        pass
-    self._thread.join()
-
-  def set_state(self, state):
-    self._halt()
-    self._it.set_state(state)
-    self._state, self._skipped = self._it.get_state(), self._it.skipped_counts()
-    self._start()
-
-  def close(self):
-    self._halt()
-    self._it.close()

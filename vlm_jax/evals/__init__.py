@@ -1,31 +1,69 @@
-"""Evaluations: zero-shot classification, image-text retrieval, captioning.
+"""Evaluations: zero-shot classification, retrieval, captioning, classification, linear probe.
 
-`run_evals(config, model, params, mesh, tokenizer, step=None)` runs the entries named in
-`config.evals.run` (see `configs.common.evals_config`) and returns one flat dict of metrics:
+Each evaluator is a module with `default_config()` (its entry's fields) and
+`evaluate(ctx, tag, entry) -> {metric: float}`; it reads the model only through the task's
+predict functions (`ctx.predict_fn(name)`, see `vlm_jax.evals.common.EvalContext`):
 
-  zeroshot/<dataset>/{top1, top5, mean_per_class, num_examples}
-  retrieval/<dataset>/{i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10, num_images, num_captions}
-  caption/<dataset>/{bleu1..bleu4, cider, rouge_l, meteor, nll, perplexity, num_images}
+  kind            predict functions              metrics
+  zeroshot        encode_images, encode_texts    zeroshot/<ds>/{top1, top5, mean_per_class}
+  retrieval       encode_images, encode_texts    retrieval/<ds>/{i2t,t2i}_r{1,5,10}
+  caption         generate, caption_nll          caption/<ds>/{bleu1..4, cider, rouge_l, ...}
+  classification  classify                       classification/<ds>/{top1, top5, ...}
+  linear_probe    image_features                 linear_probe/<ds>/{top1, l2}
 
-It is what the trainer calls at eval steps and what `python -m vlm_jax.evaluate` prints. Every
-eval runs sharded over `mesh` (the batch split like training), on the whole split (the last batch
-padded and masked), deterministically.
+`config.evals` holds named entries (`evals_config`); `evals.run` picks which run
+(comma-separated). The trainer runs them every `eval_every_steps` and at the end;
+`python -m vlm_jax.evaluate` runs them on a checkpoint. A new evaluator is a module here plus one
+line in `EVALUATORS`.
 """
 import time
 from typing import Dict, Optional
 
 from absl import logging
+import ml_collections
 
 from vlm_jax.evals import captioning
+from vlm_jax.evals import classification
 from vlm_jax.evals import common
+from vlm_jax.evals import linear_probe
 from vlm_jax.evals import retrieval
 from vlm_jax.evals import zeroshot
 
 EVALUATORS = {
-    "zeroshot": zeroshot.evaluate,
-    "retrieval": retrieval.evaluate,
-    "caption": captioning.evaluate,
+    "zeroshot": zeroshot,
+    "retrieval": retrieval,
+    "caption": captioning,
+    "classification": classification,
+    "linear_probe": linear_probe,
 }
+
+
+def entry_config(kind: str) -> ml_collections.ConfigDict:
+  """Default fields of an eval entry of `kind`."""
+  if kind not in EVALUATORS:
+    raise ValueError(f"unknown eval kind {kind!r}; expected one of {', '.join(EVALUATORS)}")
+  return EVALUATORS[kind].default_config()
+
+
+def evals_config(run: str = "", batch_size: int = 64) -> ml_collections.ConfigDict:
+  """`config.evals`: the entries below, `run` = which of them run (comma-separated).
+
+  Each entry evaluates the eval split of `config.data` unless its dataset fields point
+  elsewhere. Off unless named in `run` (datasets prepared locally): zeroshot_cifar10,
+  zeroshot_imagenet. A config adds its own entries as dicts with a `kind`.
+  """
+  c = ml_collections.ConfigDict()
+  c.run = run
+  c.batch_size = batch_size        # global eval batch, padded to the data-parallel device count
+  for kind in EVALUATORS:
+    c[kind] = entry_config(kind)
+  # These have no captions: zero-shot reads only images and labels.
+  c.zeroshot_cifar10 = zeroshot.default_config(dataset="cifar10", split="test", tag="cifar10",
+                                               templates="clip80", label_key="label")
+  c.zeroshot_imagenet = zeroshot.default_config(dataset="imagenet2012", split="validation",
+                                                tag="imagenet", templates="clip80",
+                                                label_key="label", id_key="file_name")
+  return c
 
 
 def entries(config):
@@ -48,38 +86,14 @@ def entries(config):
   return out
 
 
-def run_evals(config, model, params, mesh, tokenizer, step: Optional[int] = None,
-              context: Optional[common.EvalContext] = None) -> Dict[str, float]:
-  """Runs every eval in `config.evals.run`; returns {metric name: float}.
-
-  Args:
-    config: the experiment config (model, data, evals, sharding_rules).
-    model: the Linen module (`vlm_jax.models.build_model(config.model)`).
-    params: its 'params' collection (unboxed; sharded over `mesh` or not).
-    mesh: the device mesh; batches are split over its data-parallel axes.
-    tokenizer: the run's `Tokenizer`.
-    step: only used in log lines.
-    context: an existing EvalContext to reuse (keeps compiled functions across calls; its
-      `artifacts` receive the generated captions).
-  """
-  todo = entries(config)
-  ctx = context or _context(config, model, mesh, tokenizer)
-  ctx.config, ctx.params, ctx.tokenizer = config, params, tokenizer
+def run_evals(ctx: common.EvalContext, step: Optional[int] = None) -> Dict[str, float]:
+  """Runs every eval in `ctx.config.evals.run` with `ctx.params`; returns {metric: float}."""
+  config = ctx.config
   results = {}
-  try:
-    results = _run(ctx, config, todo, step)
-  finally:
-    if context is None:
-      ctx.params = None   # the cached context must not keep the caller's params alive
-  return results
-
-
-def _run(ctx, config, todo, step):
-  results = {}
-  for name, entry in todo:
+  for name, entry in entries(config):
     tag = common.dataset_tag(config, entry)
     t0 = time.time()
-    metrics = EVALUATORS[entry.kind](ctx, tag, entry)
+    metrics = EVALUATORS[entry.kind].evaluate(ctx, tag, entry)
     logging.info("eval %s (%s/%s) at step %s took %.1fs: %s", name, entry.kind, tag, step,
                  time.time() - t0, metrics)
     clash = set(metrics) & set(results)
@@ -90,21 +104,7 @@ def _run(ctx, config, todo, step):
   return results
 
 
-# EvalContexts (and so their compiled functions) of recent (model, mesh) pairs: the trainer calls
-# run_evals every eval_every_steps with the same model, which must not recompile every time.
-_CONTEXTS = []
-_MAX_CONTEXTS = 4
+EvalContext = common.EvalContext
 
-
-def _context(config, model, mesh, tokenizer) -> common.EvalContext:
-  for ctx in _CONTEXTS:
-    if ctx.model is model and ctx.mesh is mesh:
-      ctx.rules = common.sharding.logical_rules(config)
-      return ctx
-  ctx = common.EvalContext.create(config, model, None, mesh, tokenizer)
-  _CONTEXTS.insert(0, ctx)
-  del _CONTEXTS[_MAX_CONTEXTS:]
-  return ctx
-
-
-__all__ = ["run_evals", "entries", "EVALUATORS", "captioning", "common", "retrieval", "zeroshot"]
+__all__ = ["run_evals", "entries", "entry_config", "evals_config", "EVALUATORS", "EvalContext",
+           "captioning", "classification", "common", "linear_probe", "retrieval", "zeroshot"]

@@ -15,14 +15,27 @@ import shutil
 from typing import Dict, List, Mapping, Sequence
 
 from absl import logging
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.data import ops
 from vlm_jax.evals import common
-from vlm_jax.evals import decode as decode_lib
 
 CAPTION_METRICS = ("bleu", "cider", "rouge", "meteor")
+CAPTION_TOKENIZERS = ("auto", "java", "python")
+
+
+def default_config(**fields):
+  c = common.entry_config("caption")
+  c.max_captions = 5               # reference captions per image
+  c.max_len = common.placeholder(int)   # generated tokens incl. eos; None: context_length - 1
+  c.beam_size = 1                  # 1 = greedy
+  c.length_penalty = 0.0           # GNMT alpha for beam search
+  c.metrics = "bleu,cider,rouge"   # add ",meteor" for METEOR (needs Java, ~10-30 s per eval)
+  c.tokenizer = "auto"             # caption tokenisation for scoring: 'auto' | 'java' | 'python'
+  c.loglik = True                  # also the references' per-token NLL / perplexity
+  c.log_examples = 3
+  c.update(fields)
+  return c
 
 # Tokens pycocoevalcap's PTB wrapper drops after tokenising.
 _PTB_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
@@ -119,108 +132,65 @@ def score_captions(predictions: Sequence[str], references: Sequence[Sequence[str
 # ---- the model side --------------------------------------------------------------------------------
 
 
-def check_decoder(ctx: "common.EvalContext", what="captioning"):
-  if not hasattr(ctx.model, "decode") or getattr(ctx.model, "decoder", None) is None:
-    raise ValueError(f"evals: {what} needs a caption decoder, but model.kind="
-                     f"{ctx.config.model.kind!r} has none (use a 'coca' model)")
-  if ctx.tokenizer.bos_id < 0:
-    raise ValueError("evals: captioning needs a tokenizer with a bos token to start decoding")
+def check_generation(ctx: "common.EvalContext", who="evals: captioning"):
+  """The task must generate captions and the tokenizer must have a bos to start from."""
+  ctx.predict_fn("generate", who)
+  if ctx.tokenizer is None or ctx.tokenizer.bos_id < 0:
+    raise ValueError(f"{who}: needs a tokenizer with a bos token to start decoding")
 
 
-def max_decode_len(config, requested=None) -> int:
+def max_decode_len(ctx: "common.EvalContext", requested=None) -> int:
   """Generated tokens (eos included): at most context_length - 1, so bos + caption fits."""
-  limit = int(config.model.text.context_length) - 1
+  limit = ctx.context_length - 1
   if requested is None or requested <= 0:
     return limit
   if requested > limit:
-    raise ValueError(f"max_len={requested} exceeds model.text.context_length - 1 = {limit}")
+    raise ValueError(f"max_len={requested} exceeds the model's context length - 1 = {limit}")
   return int(requested)
 
 
-def make_generate_fn(model, *, max_len: int, beam_size: int, alpha: float, bos_id: int,
-                     eos_id: int, pad_id: int):
-  """fn(params, images [B, H, W, 3]) -> (tokens int32 [B, max_len], scores float32 [B]).
-
-  Greedy when beam_size == 1, else beam search (best hypothesis); both decode with the
-  decoder's KV cache (`models.init_cache`, one token per `decode=True` call).
-  """
-  from vlm_jax import models  # pylint: disable=g-import-not-at-top
-
-  def fn(params, images):
-    image_tokens = model.apply({"params": params}, images, method="image_tokens")
-    batch = images.shape[0]
-    if beam_size > 1:   # example-major beams: rows i*K .. i*K+K-1 belong to example i
-      image_tokens = jnp.repeat(image_tokens, beam_size, axis=0)
-    cache = models.init_cache(model, {"params": params}, image_tokens, max_len)
-
-    def logits_fn(tokens, cache):
-      logits, mutated = model.apply({"params": params, "cache": cache}, image_tokens,
-                                    tokens[:, None], decode=True, method="decode",
-                                    mutable=["cache"])
-      return logits[:, 0], mutated["cache"]
-
-    kw = dict(batch_size=batch, max_len=max_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
-    if beam_size == 1:
-      res = decode_lib.greedy(logits_fn, cache, **kw)
-      return res.tokens, res.scores
-    res = decode_lib.beam_search(logits_fn, cache, beam_size=beam_size, alpha=alpha, **kw)
-    return res.tokens[:, 0], res.scores[:, 0]
-  return fn
-
-
-def _caption_nll(model, params, image_tokens, captions, pad_id):
-  """Teacher-forced NLL of captions [B, K, L] given image tokens [B, N, W]: per-caption summed
-  negative log-likelihood and real-token counts, both [B, K]."""
-  b, k, length = captions.shape
-  tokens = jnp.repeat(image_tokens, k, axis=0)
-  text = captions.reshape(b * k, length)
-  logits = model.apply({"params": params}, tokens, text, method="decode")
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  targets = text[:, 1:]
-  mask = (targets != pad_id).astype(jnp.float32)
-  token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  nll = -jnp.sum(token_logp * mask, axis=-1)
-  return nll.reshape(b, k), jnp.sum(mask, axis=-1).reshape(b, k)
-
-
-def _batch_fn(model, generate, pad_id, with_nll):
-  def fn(params, batch):
-    tokens, _ = generate(params, batch["image"])
-    out = dict(tokens=tokens, mask=batch["mask"], captions=batch["captions"],
-               captions_mask=batch["captions_mask"])
-    if with_nll:
-      image_tokens = model.apply({"params": params}, batch["image"], method="image_tokens")
-      out["nll"], out["ntok"] = _caption_nll(model, params, image_tokens, batch["captions"],
-                                             pad_id)
-    return out
-  return fn
+def generate_kwargs(ctx: "common.EvalContext", max_len, beam_size, length_penalty) -> dict:
+  """The static arguments of the task's 'generate' predict function."""
+  tok = ctx.tokenizer
+  return dict(max_len=max_decode_len(ctx, max_len), beam_size=int(beam_size or 1),
+              length_penalty=float(length_penalty or 0.0), bos_id=int(tok.bos_id),
+              eos_id=int(tok.eos_id), pad_id=int(tok.pad_id))
 
 
 def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, float]:
   """Captions every image of the split, scores them against its reference captions, and (with
   eval.loglik) measures the references' per-token log-likelihood. Metrics:
   caption/<tag>/{bleu1..4, cider, rouge_l, meteor, nll, perplexity, num_images}."""
-  check_decoder(ctx)
+  who = f"evals: captioning on {tag!r}"
+  check_generation(ctx, who)
   tok = ctx.tokenizer
-  max_len = max_decode_len(ctx.config, eval_config.get("max_len"))
-  beam = int(eval_config.get("beam_size") or 1)
-  alpha = float(eval_config.get("length_penalty") or 0.0)
   metrics_list = [m.strip() for m in str(eval_config.metrics).split(",") if m.strip()]
   scorer_tok = eval_config.get("tokenizer") or "auto"
-  if scorer_tok not in ("auto", "java", "python"):
+  if scorer_tok not in CAPTION_TOKENIZERS:
     raise ValueError(f"evals.<caption>.tokenizer: unknown caption tokenizer {scorer_tok!r}; "
-                     "expected auto, java or python")
+                     f"expected one of {', '.join(CAPTION_TOKENIZERS)}")
   use_java = {"auto": None, "java": True, "python": False}[scorer_tok]
   with_nll = bool(eval_config.get("loglik", True))
-  generate = make_generate_fn(ctx.model, max_len=max_len, beam_size=beam, alpha=alpha,
-                              bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-  key = ("caption", max_len, beam, alpha, with_nll, tok.bos_id, tok.eos_id, tok.pad_id)
-  fn = _batch_fn(ctx.model, generate, tok.pad_id, with_nll)
+  static = generate_kwargs(ctx, eval_config.get("max_len"), eval_config.get("beam_size"),
+                           eval_config.get("length_penalty"))
+  generate = ctx.predict_fn("generate", who)
+  caption_nll = ctx.predict_fn("caption_nll", who) if with_nll else None
 
-  data = common.eval_data_config(ctx.config, eval_config, all_captions=True)
+  def fn(params, batch):
+    tokens, _ = generate(params, batch, **static)
+    out = dict(tokens=tokens, mask=batch["mask"], captions=batch["captions"],
+               captions_mask=batch["captions_mask"])
+    if with_nll:
+      out["nll"], out["ntok"] = caption_nll(params, batch)
+    return out
+
+  key = ("caption", with_nll, tuple(sorted(static.items())))
+  data = common.eval_data_config(ctx.config, eval_config)
+  field_ops = [ops.AllCaptions(tok, ctx.context_length, eval_config.max_captions)]
   predictions, references = [], []
   nll_sum, ntok_sum = 0.0, 0.0
-  for batch in common.iterate_batches(ctx, data, common.entry_batch_size(ctx.config, eval_config)):
+  for batch in common.iterate_batches(ctx, data, field_ops,
+                                      common.entry_batch_size(ctx.config, eval_config), who=who):
     out = ctx.call(key, fn, batch)
     mask = out["mask"]
     predictions.extend(tok.decode(out["tokens"][mask]))

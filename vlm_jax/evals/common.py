@@ -1,8 +1,10 @@
-"""What every evaluator shares: the model on the mesh, eval data, and padded sharded batches.
+"""What every evaluator shares: the task's predict functions on the mesh, eval data, padded batches.
 
-`EvalContext` bundles the model, its params, the mesh, the logical-axis rules and the tokenizer,
-and runs jitted model functions on global batches split over the data-parallel mesh axes (the
-same sharding as training), returning host numpy arrays. Two kinds of inputs:
+`EvalContext` bundles the config, the task, the model, its params, the mesh, the logical-axis
+rules and the tokenizer. Evaluators ask it for predict functions by name (`ctx.predict_fn(name)`:
+the task's `fn(params, batch, **static)`); they never call a model's methods. Jitted functions
+run on global batches split over the data-parallel mesh axes (the same sharding as training)
+and return host numpy arrays. Two kinds of inputs:
 
 * eval splits: each process reads its own share with `vlm_jax.data.pipeline.make_eval_iterator`
   (one pass, the last batch padded with mask=False examples), and `iterate_batches` turns the
@@ -16,47 +18,94 @@ twice or lost, and the order of examples is the split's order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Dict, Iterator, Optional
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
 from vlm_jax import sharding
 
+placeholder = ml_collections.config_dict.placeholder
+
 # Data config fields an eval entry may override (eval field -> data field).
 _DATA_OVERRIDES = {
     "source": "source", "dataset": "name", "split": "eval_split", "data_dir": "data_dir",
     "image_key": "image_key", "text_key": "text_key", "label_key": "label_key",
     "id_key": "id_key", "shards": "eval_shards", "jsonl": "eval_jsonl",
-    "image_root": "image_root",
+    "image_root": "image_root", "folder": "eval_folder", "classnames": "classnames",
 }
+
+
+def entry_config(kind: str) -> ml_collections.ConfigDict:
+  """The fields every eval entry has: its kind, the name its metrics carry, and where its data
+  is. Dataset fields left None fall back to `config.data` (the training dataset's eval split);
+  image size and normalisation always come from there (they belong to the model)."""
+  c = ml_collections.ConfigDict()
+  c.kind = kind
+  c.tag = placeholder(str)         # <dataset> in metric names; default: TFDS name or source kind
+  c.source = placeholder(str)      # 'tfds' | 'wds' | 'jsonl' | 'imagefolder' (None: data.source)
+  c.dataset = placeholder(str)     # TFDS name, e.g. 'cifar10'
+  c.split = placeholder(str)       # e.g. 'test', 'validation[:1000]'
+  c.data_dir = placeholder(str)
+  c.image_key = placeholder(str)
+  c.text_key = placeholder(str)
+  c.label_key = placeholder(str)
+  c.id_key = placeholder(str)
+  c.shards = placeholder(str)      # wds: brace/glob pattern of tar shards
+  c.jsonl = placeholder(str)       # jsonl: captions.jsonl path
+  c.image_root = placeholder(str)
+  c.folder = placeholder(str)      # imagefolder: root/<class_name>/<images>
+  c.classnames = placeholder(str)  # comma-separated; None: data.classnames / the source's
+  c.batch_size = placeholder(int)  # None: evals.batch_size (global, all processes)
+  return c
 
 
 @dataclasses.dataclass
 class EvalContext:
   """The model and where it runs; see the module docstring."""
   config: ml_collections.ConfigDict
-  model: nn.Module
+  task: Any                       # a vlm_jax.tasks.Task
+  model: Any                      # its Linen module
   params: Any                     # the 'params' collection (unboxed), sharded or not
   mesh: jax.sharding.Mesh
-  tokenizer: Any
+  tokenizer: Any                  # None for a task without text
   rules: tuple = ()
   # Non-metric outputs of the evals (e.g. generated captions), by '<kind>/<tag>'.
   artifacts: Dict[str, Any] = dataclasses.field(default_factory=dict)
   _jitted: Dict[Any, Callable] = dataclasses.field(default_factory=dict, repr=False)
+  _predict: Optional[dict] = dataclasses.field(default=None, repr=False)
 
   @classmethod
-  def create(cls, config, model, params, mesh, tokenizer):
-    return cls(config=config, model=model, params=params, mesh=mesh, tokenizer=tokenizer,
-               rules=sharding.logical_rules(config))
+  def create(cls, config, task, model, params, mesh, tokenizer):
+    return cls(config=config, task=task, model=model, params=params, mesh=mesh,
+               tokenizer=tokenizer, rules=sharding.logical_rules(config))
 
-  # ---- basics ----------------------------------------------------------------------------------
+  # ---- predict functions -------------------------------------------------------------------------
+  def predict_fn(self, name: str, who: str = "evals") -> Callable:
+    """The task's predict function `name`; a task without it fails naming what it has."""
+    if self._predict is None:
+      self._predict = self.task.predict_fns(self.config, self.model)
+    if name not in self._predict:
+      raise ValueError(f"{who}: needs the predict function {name!r}, which task "
+                       f"{self.task.name!r} does not provide (it provides: "
+                       f"{', '.join(sorted(self._predict))})")
+    return self._predict[name]
+
+  def has_predict_fn(self, name: str) -> bool:
+    if self._predict is None:
+      self._predict = self.task.predict_fns(self.config, self.model)
+    return name in self._predict
+
+  # ---- basics ------------------------------------------------------------------------------------
   @property
   def context_length(self) -> int:
-    return int(self.config.model.text.context_length)
+    spec = self.task.text_spec(self.config)
+    if spec is None:
+      raise ValueError(f"evals: task {self.task.name!r} reads no text")
+    return spec.context_length
 
   @property
   def batch_devices(self) -> int:
@@ -72,9 +121,11 @@ class EvalContext:
 
   def scope(self):
     """Mesh + logical-axis rules, needed while tracing model code with sharding constraints."""
-    return _Scope(self.mesh, self.rules)
+    return sharding.mesh_scope(self.mesh, self.rules)
 
   def tokenize(self, texts) -> np.ndarray:
+    if self.tokenizer is None:
+      raise ValueError(f"evals: task {self.task.name!r} has no tokenizer")
     return self.tokenizer.encode(list(texts), self.context_length)
 
   def jit(self, key, fn: Callable) -> Callable:
@@ -88,6 +139,12 @@ class EvalContext:
     with self.scope():
       out = self.jit(key, fn)(self.params, *args)
     return jax.tree.map(np.asarray, out)
+
+  def predict(self, name: str, batch, **static):
+    """The task's predict function `name` on a global batch (jitted once per static args)."""
+    fn = self.predict_fn(name)
+    key = ("predict", name, tuple(sorted(static.items())))
+    return self.call(key, functools.partial(fn, **static) if static else fn, batch)
 
   # ---- arrays known to every process -------------------------------------------------------------
   def run_rows(self, key, fn: Callable, rows: Dict[str, np.ndarray], batch_size: int):
@@ -110,36 +167,27 @@ class EvalContext:
       return None
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
+  def predict_rows(self, name: str, rows: Dict[str, np.ndarray], batch_size: Optional[int] = None,
+                   **static):
+    """The predict function `name` over `rows` (see `run_rows`); None for zero rows."""
+    fn = self.predict_fn(name)
+    fn = functools.partial(fn, **static) if static else fn
+    return self.run_rows(("rows", name, tuple(sorted(static.items()))), fn, rows,
+                         batch_size or default_batch(self.config))
+
   def embed_texts(self, tokens: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
     """int32 [N, L] token ids -> float32 [N, D] L2-normalised text embeddings."""
-    fn = lambda p, b: self.model.apply({"params": p}, b["text"], method="encode_texts")
-    out = self.run_rows("encode_texts", fn, {"text": np.asarray(tokens, np.int32)},
-                        batch_size or _default_batch(self.config))
-    return out if out is not None else np.zeros((0, int(self.config.model.embed_dim)),
-                                                np.float32)
+    out = self.predict_rows("encode_texts", {"text": np.asarray(tokens, np.int32)}, batch_size)
+    return out if out is not None else np.zeros((0, self._embed_dim()), np.float32)
 
   def embed_images(self, images: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
     """float32 [N, H, W, 3] preprocessed images -> float32 [N, D] L2-normalised embeddings."""
-    fn = lambda p, b: self.model.apply({"params": p}, b["image"], method="encode_images")
-    out = self.run_rows("encode_images", fn, {"image": np.asarray(images, np.float32)},
-                        batch_size or _default_batch(self.config))
-    return out if out is not None else np.zeros((0, int(self.config.model.embed_dim)),
-                                                np.float32)
+    out = self.predict_rows("encode_images", {"image": np.asarray(images, np.float32)},
+                            batch_size)
+    return out if out is not None else np.zeros((0, self._embed_dim()), np.float32)
 
-
-class _Scope:
-  def __init__(self, mesh, rules):
-    self._cms = [jax.set_mesh(mesh), nn.logical_axis_rules(rules)]
-
-  def __enter__(self):
-    for cm in self._cms:
-      cm.__enter__()
-    return self
-
-  def __exit__(self, *exc):
-    for cm in reversed(self._cms):
-      cm.__exit__(*exc)
-    return False
+  def _embed_dim(self) -> int:
+    return int(self.config.model.get("embed_dim") or 0)
 
 
 def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
@@ -149,7 +197,7 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([x, pad])
 
 
-def _default_batch(config) -> int:
+def default_batch(config) -> int:
   evals = config.get("evals")
   return int(evals.batch_size) if evals is not None and "batch_size" in evals else 64
 
@@ -157,8 +205,10 @@ def _default_batch(config) -> int:
 # ---- eval splits ---------------------------------------------------------------------------------
 
 
-def eval_data_config(config, eval_config, *, all_captions: bool) -> ml_collections.ConfigDict:
-  """The experiment's data config with the eval entry's dataset fields applied.
+def eval_data_config(config, eval_config, *, split: Optional[str] = None
+                     ) -> ml_collections.ConfigDict:
+  """The experiment's data config with the eval entry's dataset fields applied (and `split`, when
+  given, as the split to read).
 
   Image size and normalisation always come from `config.data` (they belong to the model).
   """
@@ -167,15 +217,14 @@ def eval_data_config(config, eval_config, *, all_captions: bool) -> ml_collectio
     value = eval_config.get(field)
     if value is not None and value != "":
       data[target] = value
-  data.eval_all_captions = bool(all_captions)
-  if "max_captions" in eval_config and eval_config.max_captions:
-    data.eval_max_captions = int(eval_config.max_captions)
+  if split:
+    data.eval_split = split
   return data
 
 
 def dataset_tag(config, eval_config) -> str:
   """The <dataset> part of metric names: eval.tag, else the TFDS name without config/version
-  ('shapes/tiny' -> 'shapes'), else the source kind ('wds', 'jsonl')."""
+  ('shapes/tiny' -> 'shapes'), else the source kind ('wds', 'jsonl', 'imagefolder')."""
   if eval_config.get("tag"):
     return str(eval_config.tag)
   source = eval_config.get("source") or config.data.source
@@ -185,32 +234,43 @@ def dataset_tag(config, eval_config) -> str:
   return str(source)
 
 
-def label_names(data_config):
-  """Class names from the TFDS ClassLabel feature at data.label_key, or None."""
-  if data_config.source != "tfds" or not data_config.label_key:
-    return None
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  if data_config.name.split("/")[0].split(":")[0] == "shapes":
-    from vlm_jax.data import shapes  # pylint: disable=g-import-not-at-top,unused-import
-  try:
-    features = tfds.builder(data_config.name, data_dir=data_config.data_dir).info.features
-  except Exception as e:  # pylint: disable=broad-except
-    raise FileNotFoundError(f"evals: TFDS dataset {data_config.name!r} not found "
-                            f"(data_dir={data_config.data_dir!r}): {e}") from e
-  feature = features
-  for part in str(data_config.label_key).split("/"):
-    feature = feature[part]
-  return list(getattr(feature, "names", None) or []) or None
+def class_names(data_config, source=None):
+  """Class names, in label order: `classnames` (comma-separated) if set, else the source's
+  (TFDS ClassLabel, ImageFolder folders), else None."""
+  if data_config.get("classnames"):
+    return [n.strip() for n in str(data_config.classnames).split(",") if n.strip()]
+  if source is None:
+    from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+    source = sources.make_source(data_config, "eval")
+  return source.class_names()
 
 
-def iterate_batches(ctx: EvalContext, data_config, batch_size: int) -> Iterator[dict]:
-  """Global batches (jax.Arrays split over the batch axes) of one pass over the eval split."""
+def eval_source(data_config, field_ops, who: str = "evals"):
+  """The eval split's source, reading only the raw fields the ops need (a TFDS dataset without
+  captions serves zero-shot; one without labels serves retrieval), checked against them."""
+  from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top  (TF is heavy)
+  needed = {field for op in field_ops for field in op.requires}
+  if data_config.source == "tfds":
+    data_config = ml_collections.ConfigDict(data_config.to_dict())
+    if sources.CAPTIONS not in needed:
+      data_config.text_key = ""
+    if sources.LABEL not in needed:
+      data_config.label_key = ""
+  source = sources.make_source(data_config, "eval")
+  sources.check_fields(source, field_ops, who)
+  return source
+
+
+def iterate_batches(ctx: EvalContext, data_config, field_ops, batch_size: int, *,
+                    who: str = "evals", source=None) -> Iterator[dict]:
+  """Global batches (jax.Arrays split over the batch axes) of one pass over the eval split,
+  with the fields of `field_ops` besides image and mask."""
   from vlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TF is heavy)
+  source = source if source is not None else eval_source(data_config, field_ops, who)
   bs = ctx.global_batch_size(batch_size)
   it = pipeline.make_eval_iterator(
-      data_config, ctx.tokenizer, process_index=jax.process_index(),
-      process_count=jax.process_count(), batch_size=bs // jax.process_count(),
-      context_length=ctx.context_length)
+      data_config, field_ops, batch_size=bs // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(), source=source)
   try:
     for batch in it:
       yield sharding.make_global_batch(batch, ctx.mesh)

@@ -12,10 +12,19 @@ from typing import Dict, Sequence
 
 import numpy as np
 
+from vlm_jax.data import ops
 from vlm_jax.evals import common
 
 DEFAULT_KS = (1, 5, 10)
 _CHUNK = 1024   # similarity rows per block, so 25k captions x 5k images never sit in memory at once
+
+
+def default_config(**fields):
+  c = common.entry_config("retrieval")
+  c.max_captions = 5               # captions per image
+  c.ks = DEFAULT_KS
+  c.update(fields)
+  return c
 
 
 def retrieval_metrics(image_embeds, text_embeds, text_image_ids, ks: Sequence[int] = DEFAULT_KS
@@ -63,24 +72,26 @@ def retrieval_metrics(image_embeds, text_embeds, text_image_ids, ks: Sequence[in
   return out
 
 
-def _embed_batch(model):
-  def fn(params, batch):
-    images = model.apply({"params": params}, batch["image"], method="encode_images")
-    b, k, length = batch["captions"].shape
-    texts = model.apply({"params": params}, batch["captions"].reshape(b * k, length),
-                        method="encode_texts")
-    return images, texts.reshape(b, k, -1), batch["mask"], batch["captions_mask"]
-  return fn
-
-
 def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, float]:
   """Embeds every image and every caption (up to max_captions per image) of the split and
   returns `retrieval/<tag>/{i2t_r1, ..., t2i_r10}`."""
-  data = common.eval_data_config(ctx.config, eval_config, all_captions=True)
+  who = f"evals: retrieval on {tag!r}"
+  encode_images = ctx.predict_fn("encode_images", who)
+  encode_texts = ctx.predict_fn("encode_texts", who)
+
+  def fn(params, batch):
+    images = encode_images(params, batch)
+    b, k, length = batch["captions"].shape
+    texts = encode_texts(params, {"text": batch["captions"].reshape(b * k, length)})
+    return images, texts.reshape(b, k, -1), batch["mask"], batch["captions_mask"]
+
+  data = common.eval_data_config(ctx.config, eval_config)
+  field_ops = [ops.AllCaptions(ctx.tokenizer, ctx.context_length, eval_config.max_captions)]
   images, texts, ids = [], [], []
   count = 0
-  for batch in common.iterate_batches(ctx, data, common.entry_batch_size(ctx.config, eval_config)):
-    img, txt, mask, cap_mask = ctx.call("retrieval/embed", _embed_batch(ctx.model), batch)
+  for batch in common.iterate_batches(ctx, data, field_ops,
+                                      common.entry_batch_size(ctx.config, eval_config), who=who):
+    img, txt, mask, cap_mask = ctx.call("retrieval/embed", fn, batch)
     img, txt, cap_mask = img[mask], txt[mask], cap_mask[mask]
     images.append(img)
     rows, cols = np.nonzero(cap_mask)           # row-major: captions stay in order per image

@@ -11,10 +11,20 @@ from typing import Dict, Sequence
 
 import numpy as np
 
+from vlm_jax.data import ops
 from vlm_jax.evals import common
 from vlm_jax.evals import templates as templates_lib
 
 PROMPT_BATCH_SIZE = 512
+
+
+def default_config(**fields):
+  c = common.entry_config("zeroshot")
+  c.templates = "auto"             # 'auto' (shapes -> its prompts, else clip80) | 'clip80' |
+                                   # 'clip7' | 'photo' | 'shapes' | 'a {}.|a photo of a {}.'
+  c.ks = (1, 5)
+  c.update(fields)
+  return c
 
 
 def classifier_from_embeddings(prompt_embeds) -> np.ndarray:
@@ -70,33 +80,40 @@ def build_classifier(ctx: "common.EvalContext", classnames: Sequence[str],
   return classifier_from_embeddings(embeds.reshape(len(classnames), len(templates), -1))
 
 
-def _embed_batch(model):
-  def fn(params, batch):
-    embeds = model.apply({"params": params}, batch["image"], method="encode_images")
-    return embeds, batch["label"], batch["mask"]
-  return fn
+def class_list(data, tag: str, source=None) -> tuple:
+  """The class names of an eval split: the entry's / data's classnames, the source's (TFDS
+  ClassLabel, ImageFolder), else the built-in list for the dataset's name."""
+  if data.get("classnames"):
+    return tuple(common.class_names(data))
+  dataset = data.name if data.source == "tfds" else tag
+  return tuple(templates_lib.classnames_for(dataset, common.class_names(data, source)))
 
 
 def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, float]:
-  """Zero-shot classification of the split described by `eval_config` (see configs/common)."""
-  data = common.eval_data_config(ctx.config, eval_config, all_captions=False)
-  if not data.label_key:
-    raise ValueError(f"evals: zero-shot on {tag!r} needs labels; set the entry's label_key")
-  names = eval_config.get("classnames") or None
-  if isinstance(names, str):
-    names = [n.strip() for n in names.split(",") if n.strip()]
+  """Zero-shot classification of the split described by `eval_config` (see `default_config`)."""
+  who = f"evals: zero-shot on {tag!r}"
+  encode = ctx.predict_fn("encode_images", who)
+  ctx.predict_fn("encode_texts", who)
+  data = common.eval_data_config(ctx.config, eval_config)
+  if not data.label_key and data.source == "tfds":
+    raise ValueError(f"{who} needs labels; set the entry's label_key")
+  field_ops = [ops.Label()]
+  source = common.eval_source(data, field_ops, who)
+  classnames = class_list(data, tag, source)
   dataset = data.name if data.source == "tfds" else tag
-  classnames = tuple(names) if names else templates_lib.classnames_for(dataset,
-                                                                      common.label_names(data))
   spec = eval_config.get("templates") or "auto"
   if spec == "auto":
     spec = "shapes" if dataset.split("/")[0] == "shapes" else "clip80"
   templates = templates_lib.get_templates(spec)
   classifier = build_classifier(ctx, classnames, templates)
 
+  fn = lambda p, b: (encode(p, b), b["label"], b["mask"])
   image_embeds, labels = [], []
-  for batch in common.iterate_batches(ctx, data, common.entry_batch_size(ctx.config, eval_config)):
-    embeds, label, mask = ctx.call("zeroshot/embed", _embed_batch(ctx.model), batch)
+  batches = common.iterate_batches(ctx, data, field_ops,
+                                   common.entry_batch_size(ctx.config, eval_config), who=who,
+                                   source=source)
+  for batch in batches:
+    embeds, label, mask = ctx.call("zeroshot/embed", fn, batch)
     image_embeds.append(embeds[mask])
     labels.append(label[mask])
   dim = classifier.shape[1]

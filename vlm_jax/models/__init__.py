@@ -1,18 +1,67 @@
-"""Flax Linen models: ViT and text towers, multimodal decoder, CLIP/SigLIP (TwoTower), CoCa.
+"""Flax Linen models: towers and decoders chosen by name, and the composite models tasks build.
 
-`build_model(config.model)` is the one entry point the trainer, evals and tools use.
+Towers come from a registry by name (`config.model.image.name = 'vit'`); each entry is a module
+with `default_config()` (its config section, `name` included), `from_config(cfg, ...)` and
+`forward_flops(cfg, ...)`. What a tower returns is its contract:
+
+  image towers   images [B, H, W, 3] float -> (pooled [B, W], tokens [B, N, W])
+  text towers    text [B, L] int ids      -> (pooled [B, W], tokens [B, L, W])
+  decoders       (context tokens [B, N, Wc], text [B, L], decode=False) -> logits [B, L, V]
+
+A new tower is a module with those three functions plus one line in `TOWERS`. The composite
+models (TwoTower, CoCa, Captioner, Classifier) are put together by the tasks
+(`vlm_jax.tasks`), which know which towers they need.
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from vlm_jax.models import decoder
+from vlm_jax.models import text
+from vlm_jax.models import vit
+from vlm_jax.models.captioner import Captioner
+from vlm_jax.models.classifier import Classifier
 from vlm_jax.models.coca import CoCa, init_cache
-from vlm_jax.models.decoder import Decoder, decoder_from_config
-from vlm_jax.models.text import TextTransformer, text_from_config
 from vlm_jax.models.two_tower import TwoTower
-from vlm_jax.models.vit import VARIANTS, ViT, parse_variant, vit_from_config
 
-KINDS = ("clip", "siglip", "coca")
+# kind -> name -> tower module. The kind is the section's role (model.image, model.text,
+# model.decoder); the name is the section's `name` field.
+TOWERS = {
+    "image": {"vit": vit},
+    "text": {"transformer": text},
+    "decoder": {"cross_attention": decoder},
+}
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def tower_module(kind: str, name: str, field: str):
+  """The module registered as `name` for towers of `kind`; `field` names the config field in
+  the error for an unknown name."""
+  known = TOWERS[kind]
+  if name not in known:
+    raise ValueError(f"{field}: unknown {kind} tower {name!r}; known: {', '.join(sorted(known))}")
+  return known[name]
+
+
+def tower_config(kind: str, name: str, field: str = "") -> ml_collections.ConfigDict:
+  """Default config section of the `kind` tower called `name`."""
+  return tower_module(kind, name, field or f"model.{kind}.name").default_config()
+
+
+def build_tower(kind: str, cfg, field: str, **kwargs):
+  """Builds the tower described by the config section `cfg` (its `name` picks the module)."""
+  return tower_module(kind, cfg.name, f"{field}.name").from_config(cfg, **kwargs)
+
+
+def shared_config() -> ml_collections.ConfigDict:
+  """Model fields every task has: numerics and memory options."""
+  c = ml_collections.ConfigDict()
+  c.dtype = "auto"               # compute dtype: 'auto' = bfloat16 on TPU/GPU, float32 on CPU
+  c.param_dtype = "float32"
+  c.remat = False                # nn.remat on every Transformer block
+  c.scan = False                 # nn.scan over the Transformer blocks
+  return c
 
 
 def resolve_dtype(name: str, field: str = "model.dtype", backend: str = None):
@@ -26,32 +75,14 @@ def resolve_dtype(name: str, field: str = "model.dtype", backend: str = None):
   return _DTYPES[name]
 
 
-def build_model(model_config):
-  """Builds the Linen module described by `config.model` (see configs/common.model_config).
-
-  Returns a TwoTower (kind 'clip' / 'siglip') or a CoCa (kind 'coca'); raises ValueError naming
-  the offending config field for anything invalid.
-  """
+def common_kwargs(model_config) -> dict:
+  """dtype / param_dtype / remat / scan for a tower's `from_config`, from `config.model`."""
   c = model_config
-  if c.kind not in KINDS:
-    raise ValueError(f"model.kind: unknown model kind {c.kind!r}; expected one of "
-                     f"{', '.join(KINDS)}")
-  dtype = resolve_dtype(c.dtype, "model.dtype")
-  param_dtype = resolve_dtype(c.param_dtype, "model.param_dtype", backend="cpu")
-  common = dict(dtype=dtype, param_dtype=param_dtype, remat=bool(c.remat), scan=bool(c.scan))
-  kw = dict(
-      image=vit_from_config(c.image, **common), text=text_from_config(c.text, **common),
-      embed_dim=int(c.embed_dim), proj_bias=bool(c.proj_bias),
-      logit_scale_init=float(c.logit_scale_init),
-      logit_bias_init=None if c.logit_bias_init is None else float(c.logit_bias_init),
-      max_logit_scale=float(c.max_logit_scale), dtype=dtype, param_dtype=param_dtype)
-  if c.kind == "coca":
-    decoder = decoder_from_config(c.decoder, vocab_size=c.text.vocab_size,
-                                  max_length=c.text.context_length, **common)
-    return CoCa(decoder=decoder, **kw)
-  return TwoTower(**kw)
+  return dict(dtype=resolve_dtype(c.dtype, "model.dtype"),
+              param_dtype=resolve_dtype(c.param_dtype, "model.param_dtype", backend="cpu"),
+              remat=bool(c.remat), scan=bool(c.scan))
 
 
-__all__ = ["build_model", "resolve_dtype", "init_cache", "CoCa", "TwoTower", "ViT",
-           "TextTransformer", "Decoder", "VARIANTS", "parse_variant", "vit_from_config",
-           "text_from_config", "decoder_from_config", "KINDS"]
+__all__ = ["TOWERS", "tower_module", "tower_config", "build_tower", "shared_config",
+           "resolve_dtype", "common_kwargs", "init_cache", "CoCa", "TwoTower", "Captioner",
+           "Classifier", "vit", "text", "decoder"]

@@ -21,7 +21,7 @@ from vlm_jax.models.two_tower import TwoTower, l2_normalize
 
 
 class CoCa(TwoTower):
-  """CoCa; see the module docstring. Build with `vlm_jax.models.build_model`."""
+  """CoCa; see the module docstring. Built by the coca task."""
   decoder: Optional[nn.Module] = None     # a decoder.Decoder
 
   def image_tokens(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -42,9 +42,10 @@ class CoCa(TwoTower):
                 **self.logits_params())
 
 
-def init_cache(model: CoCa, variables: dict, image_tokens: jax.Array, max_length: int) -> dict:
-  """A zeroed KV cache for decoding `max_length` tokens: the 'cache' collection to pass (with
-  the params) to `model.apply(..., method='decode', decode=True, mutable=['cache'])`.
+def init_cache(model: nn.Module, variables: dict, image_tokens: jax.Array, max_length: int) -> dict:
+  """A zeroed KV cache for decoding `max_length` tokens with any model that has a
+  `decode(image_tokens, text, decode=...)` method (CoCa, Captioner): the 'cache' collection to
+  pass (with the params) to `model.apply(..., method='decode', decode=True, mutable=['cache'])`.
 
   Only shapes are traced (jax.eval_shape); the model is not run.
   """

@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from vlm_jax.models import layers
 from vlm_jax.models.text import causal_mask
@@ -33,7 +34,7 @@ Dtype = Any
 
 
 class Decoder(nn.Module):
-  """Multimodal decoder; see the module docstring. Build from config with `decoder_from_config`."""
+  """Multimodal decoder; see the module docstring. Built from `model.decoder` by `from_config`."""
   vocab_size: int
   max_length: int
   width: int
@@ -108,11 +109,42 @@ def validate(d: Decoder, prefix: str = "model.decoder") -> None:
   layers.get_activation(d.act, f"{prefix}.act")
 
 
-def decoder_from_config(cfg, *, vocab_size: int, max_length: int, dtype: Dtype = jnp.float32,
-                        param_dtype: Dtype = jnp.float32, remat: bool = False,
-                        scan: bool = False, name=None) -> Decoder:
-  """Builds the decoder from a `configs.common.decoder_config()`; the vocabulary and maximum
-  length are the text tower's (`model.text.vocab_size`, `model.text.context_length`)."""
+def default_config() -> ml_collections.ConfigDict:
+  """`model.decoder`: causal self-attention + cross-attention to image tokens + MLP blocks."""
+  c = ml_collections.ConfigDict()
+  c.name = "cross_attention"
+  c.width = 64
+  c.depth = 2
+  c.num_heads = 4
+  c.mlp_dim = 256
+  # Vocabulary and longest caption. None: those of the model's text tower (CoCa shares one
+  # tokenizer between the text tower and the decoder); a decoder without a text tower sets them.
+  c.vocab_size = ml_collections.config_dict.placeholder(int)
+  c.context_length = ml_collections.config_dict.placeholder(int)
+  c.tie_embeddings = False       # vocabulary head shares the decoder's token embedding
+  c.act = "gelu"
+  c.ln_eps = 1e-6
+  c.use_bias = True
+  c.dropout = 0.0
+  return c
+
+
+def forward_flops(cfg, *, vocab_size: int, length: int, context_tokens: int,
+                  context_width: int) -> float:
+  """Forward matmul FLOPs on one caption of `length` tokens cross-attending to
+  `context_tokens` image tokens of width `context_width`."""
+  w, depth = int(cfg.width), int(cfg.depth)
+  self_blocks = layers.encoder_flops(length, w, depth, int(cfg.mlp_dim), causal=True)
+  cross = depth * 2 * (2 * length * w * w + 2 * context_tokens * context_width * w
+                       + 2 * length * context_tokens * w)
+  return self_blocks + cross + 2 * length * w * vocab_size
+
+
+def from_config(cfg, *, vocab_size: int, max_length: int, dtype: Dtype = jnp.float32,
+                param_dtype: Dtype = jnp.float32, remat: bool = False, scan: bool = False,
+                name=None) -> Decoder:
+  """Builds the decoder from `model.decoder` (see `default_config`) for a vocabulary of
+  `vocab_size` ids and captions of up to `max_length` tokens."""
   d = Decoder(
       vocab_size=int(vocab_size), max_length=int(max_length), width=int(cfg.width),
       depth=int(cfg.depth), num_heads=int(cfg.num_heads), mlp_dim=int(cfg.mlp_dim),

@@ -274,6 +274,16 @@ class DecoderBlock(nn.Module):
     return (x, None) if self.scan_carry else x
 
 
+def encoder_flops(tokens: int, width: int, depth: int, mlp: int, causal: bool) -> float:
+  """Forward matmul FLOPs of `depth` pre-LN self-attention blocks on one sequence (2 FLOPs per
+  multiply-add): the four attention projections, the MLP, and QK^T / AV (causal: half)."""
+  proj = 2 * tokens * (4 * width * width + 2 * width * mlp)
+  attn = 2 * 2 * tokens * tokens * width
+  if causal:
+    attn /= 2
+  return depth * (proj + attn)
+
+
 def run_blocks(block_cls, depth: int, x: Array, *args, remat: bool = False, scan: bool = False,
                **block_kwargs) -> Array:
   """Applies `depth` blocks of `block_cls` to x; must be called inside a compact method.

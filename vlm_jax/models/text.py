@@ -20,6 +20,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from vlm_jax.models import layers
 
@@ -57,7 +58,7 @@ def pool_tokens(x: jax.Array, text: jax.Array, pool: str, pad_id: int) -> jax.Ar
 
 
 class TextTransformer(nn.Module):
-  """Text tower; see the module docstring. Build from config with `text_from_config`."""
+  """Text tower; see the module docstring. Built from `model.text` by `from_config`."""
   vocab_size: int
   context_length: int
   width: int
@@ -114,10 +115,41 @@ def validate(t: TextTransformer, prefix: str = "model.text") -> None:
   layers.get_activation(t.act, f"{prefix}.act")
 
 
-def text_from_config(cfg, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                     remat: bool = False, scan: bool = False,
-                     name: Optional[str] = None) -> TextTransformer:
-  """Builds the text tower from a `configs.common.text_config()` ConfigDict."""
+def default_config() -> ml_collections.ConfigDict:
+  """`model.text` of a Transformer text tower (token + position embedding, encoder, pooling)."""
+  c = ml_collections.ConfigDict()
+  c.name = "transformer"
+  c.vocab_size = 1024
+  c.context_length = 32
+  c.width = 64
+  c.depth = 2
+  c.num_heads = 4
+  c.mlp_dim = 256
+  c.causal = True                # causal (CLIP) or bidirectional (SigLIP) self-attention
+  c.pool = "last"                # 'eos' (argmax id, OpenAI CLIP) | 'last' | 'first' | 'mean'
+  c.pad_id = 0                   # tokens equal to pad_id are masked out
+  c.act = "gelu"
+  c.ln_eps = 1e-6
+  c.use_bias = True
+  c.dropout = 0.0
+  return c
+
+
+def width(cfg) -> int:
+  """Width of the pooled output and of the tokens."""
+  return int(cfg.width)
+
+
+def forward_flops(cfg) -> float:
+  """Forward matmul FLOPs of the tower on one text of `context_length` tokens."""
+  return layers.encoder_flops(int(cfg.context_length), int(cfg.width), int(cfg.depth),
+                              int(cfg.mlp_dim), causal=bool(cfg.causal))
+
+
+def from_config(cfg, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                remat: bool = False, scan: bool = False,
+                name: Optional[str] = None) -> TextTransformer:
+  """Builds the text tower from `model.text` (see `default_config`)."""
   t = TextTransformer(
       vocab_size=int(cfg.vocab_size), context_length=int(cfg.context_length),
       width=int(cfg.width), depth=int(cfg.depth), num_heads=int(cfg.num_heads),

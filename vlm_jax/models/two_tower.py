@@ -32,7 +32,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 class TwoTower(nn.Module):
-  """CLIP / SigLIP; see the module docstring. Build with `vlm_jax.models.build_model`."""
+  """CLIP / SigLIP; see the module docstring. Built by the contrastive task."""
   image: Optional[nn.Module] = None       # a vit.ViT
   text: Optional[nn.Module] = None        # a text.TextTransformer
   embed_dim: int = 512
@@ -61,6 +61,11 @@ class TwoTower(nn.Module):
     """images [B, H, W, 3] -> L2-normalised float32 embeddings [B, D]."""
     pooled, _ = self.image(images, train=train)
     return l2_normalize(self.image_projection(pooled))
+
+  def image_features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    """images -> the image tower's pooled output [B, Wimg], before the projection."""
+    pooled, _ = self.image(images, train=train)
+    return pooled
 
   def encode_texts(self, text: jax.Array, *, train: bool = False) -> jax.Array:
     """text [B, L] int token ids -> L2-normalised float32 embeddings [B, D]."""

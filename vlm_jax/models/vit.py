@@ -25,6 +25,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from vlm_jax.models import layers
@@ -99,7 +100,7 @@ class MAPHead(nn.Module):
 
 
 class ViT(nn.Module):
-  """Vision Transformer; see the module docstring. Build from config with `vit_from_config`."""
+  """Vision Transformer; see the module docstring. Built from `model.image` by `from_config`."""
   image_size: int
   patch_size: int
   width: int
@@ -201,22 +202,69 @@ def validate(vit: ViT, prefix: str = "model.image") -> None:
   layers.get_activation(vit.act, f"{prefix}.act")
 
 
-def vit_from_config(cfg, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                    remat: bool = False, scan: bool = False, name: Optional[str] = None) -> ViT:
-  """Builds the ViT from a `configs.common.vit_config()` ConfigDict.
+def default_config() -> ml_collections.ConfigDict:
+  """`model.image` of a ViT tower. `variant` is `<size>/<patch>`; the widths/depths come from
+  `VARIANTS` unless overridden here (width, depth, num_heads, mlp_dim)."""
+  c = ml_collections.ConfigDict()
+  c.name = "vit"
+  c.variant = "mu/8"
+  c.image_size = 32
+  c.width = ml_collections.config_dict.placeholder(int)
+  c.depth = ml_collections.config_dict.placeholder(int)
+  c.num_heads = ml_collections.config_dict.placeholder(int)
+  c.mlp_dim = ml_collections.config_dict.placeholder(int)
+  c.pool = "map"                 # 'map' (attention pooling) | 'gap' | 'cls'
+  c.posemb = "learn"             # 'learn' | 'sincos2d'
+  c.class_token = False          # OpenAI CLIP: True (with pool='cls', ln_pre=True)
+  c.ln_pre = False
+  c.act = "gelu"                 # 'gelu' (exact) | 'gelu_tanh' | 'quick_gelu'
+  c.ln_eps = 1e-6
+  c.use_bias = True              # biases in attention / MLP
+  c.patch_bias = True            # bias of the patch embedding (OpenAI CLIP: False)
+  c.dropout = 0.0
+  return c
 
-  The variant string gives width/depth/num_heads/mlp_dim and the patch size; explicit
-  width/depth/num_heads/mlp_dim fields (when not None) override the variant's values.
-  """
-  sizes = parse_variant(cfg.variant)
+
+def sizes(cfg) -> dict:
+  """width, depth, num_heads, mlp_dim and patch_size of `model.image`: the variant's, with the
+  explicit fields (when not None) taking precedence."""
+  out = parse_variant(cfg.variant)
   for key in ("width", "depth", "num_heads", "mlp_dim"):
     if cfg.get(key) is not None:
-      sizes[key] = int(cfg[key])
+      out[key] = int(cfg[key])
+  return out
+
+
+def width(cfg) -> int:
+  """Width of the pooled output and of the tokens."""
+  return sizes(cfg)["width"]
+
+
+def num_tokens(cfg) -> int:
+  """Tokens the encoder sees: patches, plus the class token if any."""
+  s = sizes(cfg)
+  return (int(cfg.image_size) // s["patch_size"]) ** 2 + (1 if cfg.class_token else 0)
+
+
+def forward_flops(cfg) -> float:
+  """Forward matmul FLOPs of the tower on one image (2 FLOPs per multiply-add)."""
+  s = sizes(cfg)
+  width, patch, n = s["width"], s["patch_size"], num_tokens(cfg)
+  f = 2 * n * patch * patch * 3 * width                                     # patch embedding
+  f += layers.encoder_flops(n, width, s["depth"], s["mlp_dim"], causal=False)
+  if cfg.pool == "map":                                   # one query over the tokens, MLP on it
+    f += 2 * (n * 2 * width * width + 2 * width * width + 2 * width * s["mlp_dim"] + 2 * n * width)
+  return f
+
+
+def from_config(cfg, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                remat: bool = False, scan: bool = False, name: Optional[str] = None) -> ViT:
+  """Builds the ViT from `model.image` (see `default_config`)."""
   vit = ViT(
       image_size=int(cfg.image_size), pool=cfg.pool, posemb=cfg.posemb,
       class_token=bool(cfg.class_token), ln_pre=bool(cfg.ln_pre), act=cfg.act,
       ln_eps=float(cfg.ln_eps), use_bias=bool(cfg.use_bias),
       patch_bias=bool(cfg.get("patch_bias", cfg.use_bias)), dropout=float(cfg.dropout),
-      dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan, name=name, **sizes)
+      dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan, name=name, **sizes(cfg))
   validate(vit)
   return vit

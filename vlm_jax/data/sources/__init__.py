@@ -1,0 +1,79 @@
+"""Sources of raw examples: TFDS by name, WebDataset-style tar shards, captions.jsonl, ImageFolder.
+
+Every source produces *raw* examples, plain dicts
+
+    {"image": bytes | np.ndarray (uint8) | None, "captions": list[str | bytes] | None,
+     "label": int, "key": str}
+
+that the pipeline (`vlm_jax.data.pipeline`) decodes, augments and turns into batch fields with the
+task's field ops (`vlm_jax.data.ops`). Sources do not judge the data: an unreadable file becomes
+an example with an `"error"` field (a short reason such as `"unreadable_image"`) so that the
+pipeline can skip, count and log it in one place. `key` names the file and record so that a log
+line leads straight to the bad sample.
+
+Every source says which raw fields it provides (`provides`: 'captions', 'label'), describes
+itself for error messages (`describe()`), and gives its class names when it knows them
+(`class_names()`). `check_fields` compares that with what the field ops need, before anything is
+compiled.
+
+Two kinds of sources, because the storage formats allow different things:
+
+* Random access (`len()` and `source[i]`): TFDS stored as array_record (`tfds.data_source`),
+  captions.jsonl and ImageFolder. The pipeline reads these with grain, whose iterator position
+  is one integer, so shuffling is global and resuming is exact and O(1).
+* Sequential (`iterate(position)`): tar shards, and TFDS stored as TFRecord (the `tfds.load`
+  path). A position is `{"epoch", "group", "offset"}`; see `WdsSource` for how tar shards are
+  made exactly resumable. The TFRecord path resumes by re-reading and discarding `offset`
+  examples (exact, but O(offset)).
+"""
+from vlm_jax.data.sources.common import CAPTIONS, LABEL, even_share
+from vlm_jax.data.sources.imagefolder import ImageFolderSource
+from vlm_jax.data.sources.jsonl import JsonlSource
+from vlm_jax.data.sources.tfds import FieldMap, TfdsSource
+from vlm_jax.data.sources.wds import (WdsSource, expand_braces, index_shard, list_shards,
+                                      read_tar_sample)
+
+KINDS = ("tfds", "wds", "jsonl", "imagefolder")
+
+
+def make_source(data_config, split_name):
+  """The source for `split_name` in {'train', 'eval'} from `config.data` (or an eval entry's
+  data config)."""
+  kind = data_config.source
+  if kind == "tfds":
+    split = data_config.train_split if split_name == "train" else data_config.eval_split
+    fields = FieldMap(image_key=data_config.image_key, text_key=data_config.text_key or None,
+                      label_key=data_config.label_key or None, id_key=data_config.id_key or None)
+    return TfdsSource(data_config.name, split, data_dir=data_config.data_dir, fields=fields,
+                      reader=data_config.tfds_reader, skip_decode=data_config.tfds_skip_decode)
+  if kind == "wds":
+    field = f"data.{split_name}_shards"
+    return WdsSource(data_config.get(f"{split_name}_shards"), field=field,
+                     group_size=data_config.shard_group)
+  if kind == "jsonl":
+    path = data_config.get(f"{split_name}_jsonl")
+    if not path:
+      raise ValueError(f"data.{split_name}_jsonl: no captions.jsonl path given")
+    return JsonlSource(path, image_root=data_config.image_root)
+  if kind == "imagefolder":
+    field = f"data.{split_name}_folder"
+    return ImageFolderSource(data_config.get(f"{split_name}_folder"), field=field)
+  raise ValueError(f"data.source: unknown source {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def check_fields(source, field_ops, who: str):
+  """Fails, naming every missing field, when `source` lacks a raw field an op needs.
+
+  `who` says who needs them in the message, e.g. "task 'classification'".
+  """
+  missing = [(field, op) for op in field_ops for field in op.requires
+             if field not in source.provides]
+  if missing:
+    parts = [f"{field!r} (for batch field {', '.join(op.provides)})" for field, op in missing]
+    raise ValueError(f"data: {who} needs {'; '.join(parts)}, which {source.describe()} does not "
+                     f"provide (it provides: image{''.join(', ' + f for f in sorted(source.provides))})")
+
+
+__all__ = ["make_source", "check_fields", "KINDS", "CAPTIONS", "LABEL", "even_share", "FieldMap",
+           "TfdsSource", "JsonlSource", "WdsSource", "ImageFolderSource", "expand_braces",
+           "index_shard", "list_shards", "read_tar_sample"]

@@ -1,0 +1,111 @@
+"""The one place tokenizers are found, read, trained and stored for a run.
+
+Kinds (`config.tokenizer.kind`):
+  sentencepiece  a SentencePiece `.model` (`vlm_jax.data.tokenizer`); trained on the training
+                 captions when no `tokenizer.model_path` is given
+  bpe            OpenAI CLIP's byte-level BPE merges file (`vlm_jax.data.bpe`)
+
+A run keeps its tokenizer's bytes in WORKDIR/tokenizer.model and in every checkpoint's metadata,
+so evaluating it never depends on a file that may have moved.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from typing import Callable, Optional
+
+from etils import epath
+
+KINDS = ("sentencepiece", "bpe")
+FILENAME = "tokenizer.model"          # WORKDIR/tokenizer.model
+
+
+def check_kind(kind: str) -> str:
+  if kind not in KINDS:
+    raise ValueError(f"tokenizer.kind: unknown tokenizer {kind!r}; expected one of "
+                     f"{', '.join(KINDS)}")
+  return kind
+
+
+def read(kind: str, path: str):
+  """The tokenizer of `kind` stored at `path` (local or any etils.epath location)."""
+  check_kind(kind)
+  if kind == "bpe":
+    from vlm_jax.data import bpe  # pylint: disable=g-import-not-at-top
+    return bpe.load(path)
+  from vlm_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  return tokenizer.Tokenizer.load(path)
+
+
+def from_bytes(kind: str, data: bytes):
+  """The tokenizer of `kind` from its serialized bytes (`to_bytes`)."""
+  check_kind(kind)
+  if kind == "sentencepiece":
+    from vlm_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+    return tokenizer.Tokenizer(data)
+  with tempfile.TemporaryDirectory() as tmp:   # the BPE reader takes a file
+    path = os.path.join(tmp, FILENAME)
+    with open(path, "wb") as f:
+      f.write(data)
+    return read(kind, path)
+
+
+def to_bytes(tok) -> bytes:
+  """The serialized tokenizer: a SentencePiece model proto, or the BPE merges file's bytes."""
+  proto = getattr(tok, "model_proto", None)
+  if proto:
+    return bytes(proto)
+  path = getattr(tok, "path", None)
+  if not path:
+    raise ValueError(f"tokenizer: {tok!r} was not loaded from a file and cannot be stored")
+  return epath.Path(path).read_bytes()
+
+
+def for_training(config, workdir: str, training_texts: Callable[[], list]):
+  """The tokenizer a training run uses: `tokenizer.model_path` if set, else WORKDIR/
+  tokenizer.model, trained on `training_texts()` the first time (a file lock makes concurrent
+  processes agree)."""
+  t = config.tokenizer
+  kind = check_kind(t.kind)
+  if t.model_path:
+    return read(kind, t.model_path)
+  if kind != "sentencepiece":
+    raise ValueError(f"tokenizer.model_path: tokenizer.kind={kind!r} needs its vocabulary file "
+                     "(OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz is inside the open_clip_torch "
+                     "wheel)")
+  from vlm_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  return tokenizer.get_or_train(os.path.join(workdir, FILENAME), training_texts, t.vocab_size)
+
+
+def for_checkpoint(config, workdir: Optional[str], meta: Optional[dict] = None):
+  """The tokenizer of a saved run, from (first found): WORKDIR/tokenizer.model, the copy in the
+  checkpoint's metadata, or the config's `tokenizer.model_path`."""
+  tok_cfg = config.get("tokenizer") or {}
+  kind = check_kind((meta or {}).get("tokenizer_kind") or tok_cfg.get("kind", "sentencepiece"))
+  looked = []
+  if workdir:
+    path = os.path.join(workdir, FILENAME)
+    looked.append(path)
+    if os.path.isfile(path):
+      return read(kind, path)
+  if meta and meta.get("tokenizer_model_b64"):
+    return from_bytes(kind, base64.b64decode(meta["tokenizer_model_b64"]))
+  model_path = tok_cfg.get("model_path")
+  if model_path:
+    looked.append(model_path)
+    if epath.Path(model_path).exists():
+      return read(kind, model_path)
+  raise FileNotFoundError(f"tokenizer: none found; looked for {looked or ['(no path)']} and in "
+                          f"the checkpoint metadata (tokenizer.kind={kind!r})")
+
+
+def check_fits(tok, spec, config) -> None:
+  """The tokenizer must fit the model's text: ids below its vocabulary, the configured length."""
+  if tok.vocab_size > spec.vocab_size:
+    raise ValueError(f"tokenizer: its vocabulary ({tok.vocab_size} ids) is larger than the "
+                     f"model's ({spec.vocab_size})")
+  length = config.tokenizer.context_length
+  if length != spec.context_length:
+    raise ValueError(f"tokenizer.context_length={length} != the model's context length "
+                     f"{spec.context_length}")

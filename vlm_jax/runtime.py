@@ -1,0 +1,220 @@
+"""The trainer's runtime: everything built from the config before the loop starts.
+
+`Runtime.create(config)` resolves the task, builds the mesh, the model, the optimizer and the
+shardings of the train state (params and optimizer state are created already sharded:
+`jax.jit(init, out_shardings=...)`); `make_step()` jits the task's train step with in/out
+shardings and a donated state. Tests, benchmarks and inference use the same pieces.
+
+Also here: the checks that run before anything is compiled (`validate`), the training data
+(pipeline + device prefetcher) and the run's tokenizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+from absl import logging
+import jax
+import ml_collections
+import optax
+
+from vlm_jax import checkpoint as ckpt_lib
+from vlm_jax import optim
+from vlm_jax import prefetch
+from vlm_jax import sharding
+from vlm_jax import tasks as tasks_lib
+from vlm_jax import train_state as ts
+from vlm_jax import train_step as step_lib
+
+TOKENIZER_TRAIN_EXAMPLES = 20_000   # captions of this many training examples train a tokenizer
+
+
+def abstract_params(config, task, model, mesh) -> tuple[Any, Any]:
+  """(abstract params with their target shardings, the shardings) of `model` on `mesh`."""
+  rules = sharding.logical_rules(config)
+  return sharding.abstract_params(
+      lambda: task.init_params(model, config, jax.random.key(0)), mesh, rules)
+
+
+@dataclasses.dataclass
+class Runtime:
+  """Everything derived from the config that the loop (and tests) need."""
+  config: ml_collections.ConfigDict
+  task: Any                       # vlm_jax.tasks.Task
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: Callable
+  state_shardings: ts.TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  abstract_state: ts.TrainState     # ShapeDtypeStructs with the target shardings
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, devices=None) -> "Runtime":
+    """Mesh, model, optimizer and the shardings of the train state, from the config."""
+    validate(config, None if devices is None else len(devices))
+    task = tasks_lib.get(config.task)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.logical_rules(config)
+    model = task.build_model(config)
+    abstract_params_, param_shardings = abstract_params(config, task, model, mesh)
+    tx, schedule = optim.make_optimizer(config, abstract_params_)
+    replicated = sharding.replicated_sharding(mesh)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params_)
+    # Moments are sharded like their params; counters etc. replicated.
+    # Frozen params (multi_transform) have an empty MaskedNode instead of moments.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda x, s: x if masked(x) else s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=masked)
+    state_shardings = ts.TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated,
+        nonfinite_total=replicated, nonfinite_streak=replicated)
+    with sharding.mesh_scope(mesh, rules):
+      abstract = jax.eval_shape(lambda: ts.init_train_state(
+          lambda r: task.init_params(model, config, r), tx, jax.random.key(0)))
+    abstract = ckpt_lib.abstract_with_shardings(abstract, state_shardings)
+    return cls(config=config, task=task, mesh=mesh, rules=rules, model=model, tx=tx,
+               schedule=schedule, state_shardings=state_shardings,
+               batch_sharding=sharding.batch_sharding(mesh), abstract_state=abstract)
+
+  def context(self):
+    """`jax.set_mesh` + Linen logical rules: needed while tracing model code."""
+    return sharding.mesh_scope(self.mesh, self.rules)
+
+  def init_state(self) -> ts.TrainState:
+    """The initial train state, created directly with its shardings."""
+    init = jax.jit(lambda rng: ts.init_train_state(
+        lambda r: self.task.init_params(self.model, self.config, r), self.tx, rng),
+                   out_shardings=self.state_shardings)
+    with self.context():
+      return init(jax.random.key(self.config.seed))
+
+  def make_step(self) -> Callable:
+    """The jitted train step of the task's objective: in/out shardings, state donated."""
+    step = step_lib.make_train_step(
+        self.task.objective(self.config, self.model), self.tx, self.schedule,
+        grad_accum_steps=self.config.grad_accum_steps, batch_sharding=self.batch_sharding)
+    return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+  def init_params_from(self, state: ts.TrainState) -> ts.TrainState:
+    """Replaces params by those of `config.init_from` (fine-tuning), logging what was not taken."""
+    config = self.config
+    loc = ckpt_lib.locate(config.init_from, field="init_from")
+    source = ckpt_lib.Checkpointer(loc.checkpoints, read_only=True, async_save=False)
+    try:
+      loaded, messages = source.restore_params(loc.step, self.abstract_state.params,
+                                               skip=config.init_from_skip)
+    finally:
+      source.close()
+    for m in messages:
+      logging.warning("%s", m)
+    if not loaded:
+      raise ValueError(f"init_from={config.init_from}: no parameter of the model was found in "
+                       "the checkpoint")
+    flat = ckpt_lib.flatten(state.params)
+    flat.update(loaded)
+    params = jax.tree.map(lambda _, v: v, state.params, ckpt_lib.unflatten(flat))
+    logging.info("init_from: loaded %d of %d params from %s/%d", len(loaded), len(flat),
+                 loc.checkpoints, loc.step)
+    return state.replace(params=params)
+
+
+# ---- checks before anything is built ------------------------------------------------------------
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
+  """Cheap consistency checks with messages that name the field; all problems at once."""
+  task = tasks_lib.get(config.task)
+  n = jax.device_count() if num_devices is None else num_devices
+  problems = list(task.validate(config))
+  if config.batch_size % jax.process_count():
+    problems.append(f"batch_size={config.batch_size} must divide evenly over "
+                    f"{jax.process_count()} processes")
+  k = config.grad_accum_steps
+  if k < 1 or config.batch_size % k:
+    problems.append(f"grad_accum_steps={k} must be >= 1 and divide batch_size="
+                    f"{config.batch_size}")
+  else:
+    try:
+      data, fsdp, _ = sharding.mesh_shape(config.mesh, n)
+      if (config.batch_size // k) % (data * fsdp):
+        problems.append(f"batch_size/grad_accum_steps = {config.batch_size // k} must be "
+                        f"divisible by the {data * fsdp} data-parallel devices (mesh.data * "
+                        "mesh.fsdp)")
+    except ValueError as e:
+      problems.append(str(e))
+  if config.total_steps < 1:
+    problems.append(f"total_steps={config.total_steps} must be >= 1")
+  if problems:
+    raise ValueError("config: " + "; ".join(problems))
+
+
+# ---- data and tokenizer -------------------------------------------------------------------------
+
+
+def prepare_data(config) -> None:
+  """Builds the embedded `shapes` dataset if the config uses it (no download; a no-op when
+  prepared). Other TFDS datasets must be prepared beforehand (`tfds build`)."""
+  d = config.data
+  if d.source == "tfds" and d.name.split(":")[0].startswith("shapes/"):
+    from vlm_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    shapes.prepare(d.name.split("/")[1].split(":")[0], d.data_dir)
+
+
+def training_captions(config, source=None) -> list:
+  """Captions to train a tokenizer on: the shapes generator's (fast, no images) or those of the
+  first TOKENIZER_TRAIN_EXAMPLES records of a random-access training source."""
+  d = config.data
+  if d.source == "tfds" and d.name.startswith("shapes/"):
+    from vlm_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    return shapes.caption_corpus(d.name.split("/")[1].split(":")[0], d.train_split)
+  from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  source = source if source is not None else sources.make_source(d, "train")
+  if not getattr(source, "random_access", False):
+    raise ValueError(f"tokenizer.model_path: data.source={d.source!r} cannot be sampled to "
+                     "train a tokenizer; give a SentencePiece model file")
+  texts = []
+  for i in range(min(len(source), TOKENIZER_TRAIN_EXAMPLES)):
+    texts.extend(source[i].get("captions") or [])
+  return texts
+
+
+def load_tokenizer(config, workdir: str, source=None):
+  """The run's tokenizer (None for a task without text), checked against the model's text."""
+  from vlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  spec = tasks_lib.get(config.task).text_spec(config)
+  if spec is None:
+    return None
+  tok = tokenizers.for_training(config, workdir, lambda: training_captions(config, source))
+  tokenizers.check_fits(tok, spec, config)
+  return tok
+
+
+def train_source(config):
+  """The training source, checked for the fields the task needs (before anything compiles)."""
+  from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  return sources.make_source(config.data, "train")
+
+
+def make_train_data(runtime: Runtime, tokenizer, source, data_state=None):
+  """This process's training batches, as global arrays prefetched onto the devices. The batch
+  holds the image and the task's fields."""
+  from vlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  config = runtime.config
+  field_ops = runtime.task.train_ops(config, tokenizer)
+  sources.check_fields(source, field_ops, f"task {runtime.task.name!r}")
+  if config.data.worker_count:
+    from vlm_jax import cli  # pylint: disable=g-import-not-at-top
+    cli.ensure_flags_parsed()     # grain's worker processes read absl flags
+  it = pipeline.make_train_iterator(
+      config.data, field_ops, batch_size=config.batch_size // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(), source=source)
+  if data_state is not None:
+    it.set_state(data_state)
+  fields = ["image"] + [f for op in field_ops for f in op.provides]
+  put = lambda b: sharding.make_global_batch({f: b[f] for f in fields}, runtime.mesh)
+  return prefetch.DevicePrefetcher(it, put, size=config.data.prefetch)
