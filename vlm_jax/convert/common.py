@@ -1,7 +1,7 @@
 """Reading checkpoint files, checking their keys and shapes, and writing the converted output.
 
-Reading never runs code from the file: `.safetensors` is parsed here (a JSON header plus raw
-little-endian buffers, no dependency), `.pt` / `.bin` / `.pth` go through
+Reading never runs code from the file: `.safetensors` is read with the `safetensors` library
+(its numpy API, no torch needed), `.pt` / `.bin` / `.pth` go through
 `torch.load(..., weights_only=True)`, whose unpickler only accepts tensors and plain containers
 (a file holding any other pickled object is refused), and TorchScript archives (OpenAI's
 original release) through a restricted unpickler of our own (see `read_torchscript`).
@@ -29,11 +29,6 @@ class ConversionError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # Reading.
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -61,41 +56,25 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 
 def _read_safetensors(path: str) -> dict[str, Any]:
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise ConversionError(f"convert: {path} is not a safetensors file (too short)")
-    n = int.from_bytes(head, "little")
-    if n <= 0 or 8 + n > size:
-      raise ConversionError(f"convert: {path} is not a safetensors file (bad header length {n})")
-    try:
-      header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ConversionError(f"convert: {path} is not a safetensors file (bad header: {e})") from e
-  if not isinstance(header, dict):
-    raise ConversionError(f"convert: {path} is not a safetensors file (header is not an object)")
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else \
-      np.zeros((0,), np.uint8)
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    try:
-      dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-      shape = tuple(int(s) for s in info["shape"])
-      begin, end = (int(o) for o in info["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
-      raise ConversionError(f"convert: {path}: bad safetensors entry for {name!r}: {info!r}") from e
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    if not 0 <= begin <= end <= data.size or end - begin != nbytes:
-      raise ConversionError(f"convert: {path}: tensor {name!r} {info['dtype']}{list(shape)} has "
-                            f"byte range [{begin}, {end}) outside the file or of the wrong size "
-                            "(truncated or corrupt file)")
-    array = np.frombuffer(data[begin:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
-    if info["dtype"] == "BF16":   # bfloat16 is the top half of a float32
-      array = (array.astype(np.uint32) << 16).view(np.float32)
-    out[name] = _as_numpy_float32(array)
+  """Reads every tensor with the `safetensors` library (its numpy reader; bfloat16 tensors,
+  which numpy has no type for, through its JAX reader), floats as float32."""
+  from safetensors import SafetensorError, safe_open  # pylint: disable=g-import-not-at-top
+  out, bf16 = {}, []
+  try:
+    with safe_open(path, framework="np") as f:
+      for name in f.keys():
+        if f.get_slice(name).get_dtype() == "BF16":
+          bf16.append(name)
+          out[name] = None        # keeps the file's order
+        else:
+          out[name] = _as_numpy_float32(f.get_tensor(name))
+    if bf16:
+      with safe_open(path, framework="flax") as f:
+        for name in bf16:
+          out[name] = np.asarray(f.get_tensor(name), np.float32)
+  except SafetensorError as e:
+    raise ConversionError(f"convert: {path} is not a safetensors file, or it is truncated or "
+                          f"corrupt ({e})") from e
   return out
 
 
