@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any, Mapping
 
 import jax
@@ -53,8 +52,8 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     if tensorboard:
-      from tensorboard.summary.writer.event_file_writer import EventFileWriter
-      self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+      from flax.metrics import tensorboard as tb  # pylint: disable=g-import-not-at-top
+      self._tb = tb.SummaryWriter(os.path.join(workdir, "tensorboard"), auto_flush=False)
     if progress_bar:
       import tqdm
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
@@ -70,11 +69,9 @@ class MetricWriter:
     self._jsonl.write(json.dumps(clean) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
-      from tensorboard.compat.proto import event_pb2, summary_pb2
-      values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in clean.items()
-                if k != "step" and isinstance(v, float)]
-      self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                         summary=summary_pb2.Summary(value=values)))
+      for k, v in clean.items():
+        if k != "step" and isinstance(v, float):
+          self._tb.scalar(k, v, int(step))
       self._tb.flush()
     if self._bar is not None:
       short = {k: f"{clean[k]:.4g}" for k in ("loss", "lr") if isinstance(clean.get(k), float)}
