@@ -1,9 +1,11 @@
 """Pure evaluation pieces: zero-shot / retrieval metrics on hand-computed sets, the classifier from
-prompt embeddings, the template and class-name lists, and the COCO caption scorer wrapper."""
+prompt embeddings, the template and class-name lists, the COCO caption scorer wrapper, and the
+linear probe's ridge classifier."""
 import numpy as np
 import pytest
 
 from vlm_jax.evals import captioning
+from vlm_jax.evals import linear_probe
 from vlm_jax.evals import retrieval
 from vlm_jax.evals import templates
 from vlm_jax.evals import zeroshot
@@ -225,3 +227,39 @@ def test_score_captions_perfect_and_bad_input():
     captioning.score_captions(["a"], [[]], ("bleu",), use_java=False)
   with pytest.raises(ValueError, match="predictions"):
     captioning.score_captions(["a", "b"], [["a"]], ("bleu",), use_java=False)
+
+
+# ---- linear probe --------------------------------------------------------------------------------
+
+
+def test_ridge_equals_a_direct_solve():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(50, 6)) * np.array([1, 10, 0.1, 1, 5, 2]) + 3.0
+  y = rng.integers(0, 4, 50)
+  mean, scale, weights, bias = linear_probe.fit_ridge(x, y, 4, [0.0, 0.5])
+  # The same minimiser from the normal equations of the standardised, centred problem.
+  z = (x - x.mean(0)) / x.std(0)
+  onehot = np.eye(4)[y]
+  for l2, w in zip([0.0, 0.5], weights):
+    want = np.linalg.solve(z.T @ z / 50 + l2 * np.eye(6), z.T @ (onehot - onehot.mean(0)) / 50)
+    np.testing.assert_allclose(w, want, rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(bias, onehot.mean(0))
+  scores = linear_probe.ridge_predict(x[:3], mean, scale, weights[0], bias)
+  np.testing.assert_allclose(scores, z[:3] @ weights[0] + bias, rtol=1e-6)
+
+
+def test_linear_probe_chooses_l2_on_held_out_features():
+  rng = np.random.default_rng(1)
+  centres = rng.normal(size=(3, 8)) * 4
+  def sample(n):
+    y = rng.integers(0, 3, n)
+    return centres[y] + rng.normal(size=(n, 8)), y
+  train_x, train_y = sample(200)
+  test_x, test_y = sample(100)
+  out = linear_probe.linear_probe_top1(train_x, train_y, test_x, test_y, 3, (1e-3, 1e6), 0.2)
+  assert out["top1"] > 0.95 and out["l2"] == 1e-3   # a huge l2 flattens every class score
+  # Pure noise: chance-level accuracy, not more.
+  noise = linear_probe.linear_probe_top1(rng.normal(size=(200, 8)), rng.integers(0, 3, 200),
+                                         rng.normal(size=(300, 8)), rng.integers(0, 3, 300),
+                                         3, (1e-3, 1.0), 0.2)
+  assert noise["top1"] < 0.5

@@ -235,3 +235,47 @@ def test_tfds_classification_dataset_by_name(coca, shapes_tokenizer, shapes_data
                                                        "num_examples")}
   assert m["zeroshot/cifar10/num_examples"] == 20
   assert 0.0 <= m["zeroshot/cifar10/top1"] <= m["zeroshot/cifar10/top5"] <= 1.0
+
+
+def test_linear_probe_equals_direct_computation(coca, shapes_data_dir, shapes_tokenizer):
+  """The evaluator's features (the image tower's pooled output, train and test splits through
+  the sharded padded pipeline) and classifier equal a plain pass over both splits."""
+  from vlm_jax.evals import linear_probe   # pylint: disable=g-import-not-at-top
+  config, model, params = coca
+  cfg = tiny_config(shapes_data_dir, shapes_tokenizer)
+  cfg.evals.run = "linear_probe"
+  cfg.evals.linear_probe.max_train_examples = 100
+  m = run_evals(cfg, model, params, sharding.make_mesh(cfg.mesh), shapes_tokenizer)
+  assert m["linear_probe/shapes/num_train"] == 100 and m["linear_probe/shapes/num_test"] == 64
+
+  def split(name, n):
+    data = tfds.data_source("shapes/tiny", split=name, data_dir=shapes_data_dir)
+    from vlm_jax.data import pipeline   # pylint: disable=g-import-not-at-top
+    pre = pipeline.Preprocess(cfg.data, [], train=False)
+    images = np.stack([pre({"image": data[i]["image"]})["image"] for i in range(n)])
+    labels = np.array([int(data[i]["label"]) for i in range(n)])
+    return np.asarray(model.apply({"params": params}, images, method="image_features")), labels
+  train_x, train_y = split("train", 100)
+  test_x, test_y = split("test", 64)
+  want = linear_probe.linear_probe_top1(train_x, train_y, test_x, test_y, 20,
+                                        tuple(cfg.evals.linear_probe.l2_regs), 0.2)
+  assert m["linear_probe/shapes/l2"] == want["l2"]
+  assert m["linear_probe/shapes/top1"] == pytest.approx(want["top1"], abs=1 / 64)
+
+
+def test_classification_eval_equals_direct_computation(shapes_data_dir):
+  config = config_utils.load_config(f"{REPO}/configs/shapes_classify.py:tiny", {
+      "data.data_dir": shapes_data_dir, "model.num_classes": 20, "evals.batch_size": 24,
+      "model.image.width": 16, "model.image.num_heads": 2, "model.image.depth": 1,
+      "model.head_zero_init": False})     # a random head, so that the predictions vary
+  model, params = init_params(config)
+  m = run_evals(config, model, params, sharding.make_mesh(config.mesh), None)
+  assert set(m) == {f"classification/shapes/{k}" for k in ("top1", "top5", "mean_per_class",
+                                                           "num_examples")}
+  from vlm_jax.data import ops, pipeline   # pylint: disable=g-import-not-at-top
+  batch = next(pipeline.make_eval_iterator(config.data, [ops.Label()], batch_size=NUM_TEST))
+  logits = model.apply({"params": params}, batch["image"])["logits"]
+  want = zeroshot.classification_metrics(np.asarray(logits), batch["label"])
+  assert m["classification/shapes/num_examples"] == NUM_TEST
+  assert m["classification/shapes/top1"] == pytest.approx(want["top1"])
+  assert m["classification/shapes/top5"] == pytest.approx(want["top5"])

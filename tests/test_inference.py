@@ -92,6 +92,28 @@ def test_cli_reproduces_the_metrics_logged_at_the_end_of_training(run):
   assert os.path.isfile(os.path.join(workdir, "eval", f"captions_{STEPS}.json"))
 
 
+def test_cli_overrides_the_saved_config_with_a_linear_probe(run):
+  """Without --config the run's saved config is used, and --config.<field> overrides apply to
+  it: a linear probe of the trained image tower."""
+  workdir, _, _ = run
+  cmd = [sys.executable, "-m", "vlm_jax.evaluate", f"--workdir={workdir}",
+         "--config.evals.run=linear_probe", "--config.evals.linear_probe.max_train_examples=128"]
+  proc = subprocess.run(cmd, cwd=train_utils.REPO, env=train_utils.subprocess_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  printed = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert set(printed) == {"step", "linear_probe/shapes/top1", "linear_probe/shapes/l2",
+                          "linear_probe/shapes/num_train", "linear_probe/shapes/num_test"}
+  assert printed["linear_probe/shapes/num_train"] == 128
+  assert 0.0 <= printed["linear_probe/shapes/top1"] <= 1.0
+  bad = subprocess.run(cmd[:4] + ["--config.evals.linear_probe.max_train=5"],
+                       cwd=train_utils.REPO, env=train_utils.subprocess_env(1),
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 1
+  assert ("no config field 'evals.linear_probe.max_train' (did you mean "
+          "evals.linear_probe.max_train_examples?)") in bad.stderr
+
+
 def test_inference_api(run, shapes_data_dir, tmp_path):
   workdir, _, _ = run
   model = inference.load(workdir)

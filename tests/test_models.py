@@ -74,20 +74,13 @@ def coca():
 # --- Variant table and config errors -------------------------------------------------------
 
 
-def test_variant_table_matches_published_sizes():
+def test_variant_parsing_and_overrides():
+  # Two anchors from the papers (ViT-B/16, SigLIP So400m/14); the rest of the table is data.
   assert vit_lib.parse_variant("B/16") == dict(width=768, depth=12, num_heads=12, mlp_dim=3072,
                                                patch_size=16)
-  assert vit_lib.parse_variant("So400m/14") == dict(width=1152, depth=27, num_heads=16,
-                                                    mlp_dim=4304, patch_size=14)
-  assert vit_lib.parse_variant("L/14")["width"] == 1024
-  assert vit_lib.parse_variant("L/14")["depth"] == 24
-  assert vit_lib.VARIANTS["mu"] == (32, 1, 2, 128)
-  assert vit_lib.VARIANTS["Ti"] == (192, 12, 3, 768)
-  assert vit_lib.VARIANTS["S"] == (384, 12, 6, 1536)
-  assert vit_lib.VARIANTS["M"] == (512, 12, 8, 2048)
-  assert vit_lib.VARIANTS["H"] == (1280, 32, 16, 5120)
-  assert vit_lib.VARIANTS["g"] == (1408, 40, 16, 6144)
-  assert set(vit_lib.VARIANTS) == {"mu", "Ti", "S", "M", "B", "L", "So400m", "H", "g"}
+  assert vit_lib.parse_variant("So400m/14")["mlp_dim"] == 4304
+  for width, _, heads, _ in vit_lib.VARIANTS.values():
+    assert width % heads == 0
   # Config overrides win over the variant; nothing big is instantiated.
   c = vit_lib.default_config()
   c.update(variant="B/16", image_size=224, depth=2)

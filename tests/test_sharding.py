@@ -1,6 +1,5 @@
 """Mesh construction, logical-axis rules, FSDP sharding of state, global batches, start-up."""
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,9 +15,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from vlm_jax import config_defaults
 from vlm_jax import sharding
+from train_utils import REPO, free_port
 import xla_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mesh_cfg(data=-1, fsdp=1, tensor=1):
@@ -309,17 +308,12 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
+@pytest.mark.multiprocess
 def test_two_processes_assemble_one_global_batch(tmp_path):
   """2 processes x 2 CPU devices on localhost: distributed start-up and a global batch."""
   script = tmp_path / "worker.py"
   script.write_text("import jax.experimental.multihost_utils\n" + _WORKER)
-  port = _free_port()
+  port = free_port()
   procs = []
   for pid in range(2):
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}

@@ -1,6 +1,7 @@
 """Tests for vlm_jax.data.sources: TFDS (array_record and TFRecord readers, coco_captions via
 tfds.testing.mock_data), captions.jsonl, WebDataset-style tar shards (brace/glob patterns,
-per-process shard split, truncation), and fail-fast errors."""
+per-process shard split, truncation), ImageFolder, the fields each provides, and fail-fast
+errors."""
 import io
 import json
 import os
@@ -203,6 +204,85 @@ def test_jsonl_fails_fast(tmp_path):
   (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "caption": "x"}\n{"caption": 1}\n')
   with pytest.raises(ValueError, match="bad.jsonl:2"):
     sources.JsonlSource(str(tmp_path / "bad.jsonl"))
+  (tmp_path / "label.jsonl").write_text('{"image": "a.png", "caption": "x", "label": "cat"}\n')
+  with pytest.raises(ValueError, match="label.jsonl:1: 'label' must be an integer"):
+    sources.JsonlSource(str(tmp_path / "label.jsonl"))
+  (tmp_path / "empty.jsonl").write_text("\n")
+  with pytest.raises(ValueError, match="empty.jsonl holds no records"):
+    sources.JsonlSource(str(tmp_path / "empty.jsonl"))
+
+
+def test_fields_each_source_provides(tmp_path):
+  labelled = sources.JsonlSource(write_jsonl(str(tmp_path / "a"), 3))
+  assert labelled.provides == {"captions", "label"} and labelled.class_names() is None
+  (tmp_path / "b.jsonl").write_text('{"image": "x.png", "caption": "a cat"}\n')
+  assert sources.JsonlSource(str(tmp_path / "b.jsonl")).provides == {"captions"}
+  write_shards(str(tmp_path / "w"), 1, 2)
+  assert sources.WdsSource(str(tmp_path / "w" / "*.tar")).provides == {"captions", "label"}
+  write_image_folder(tmp_path / "f", {"cat": 1})
+  assert sources.ImageFolderSource(str(tmp_path / "f")).provides == {"label"}
+
+
+def test_check_fields_names_what_is_missing(tmp_path):
+  from vlm_jax.data import ops   # pylint: disable=g-import-not-at-top
+  write_image_folder(tmp_path / "f", {"cat": 1})
+  folder = sources.ImageFolderSource(str(tmp_path / "f"))
+  sources.check_fields(folder, [ops.Label()], "task 'classification'")     # fine
+  with pytest.raises(ValueError, match=r"data: task 'contrastive' needs 'captions' \(for batch "
+                                       r"field text\), which image folder .* does not provide "
+                                       r"\(it provides: image, label\)"):
+    sources.check_fields(folder, [ops.Caption(None, 8), ops.Label()], "task 'contrastive'")
+
+
+# ------------------------------------------------------------------------------------------------
+# ImageFolder
+# ------------------------------------------------------------------------------------------------
+
+
+def write_image_folder(root, counts, fmt="PNG"):
+  """root/<class>/<i>.png with counts[class] images each; returns {relative path: label}."""
+  labels = {}
+  for label, name in enumerate(sorted(counts)):
+    os.makedirs(root / name, exist_ok=True)
+    for i in range(counts[name]):
+      path = root / name / f"{i}.{fmt.lower()}"
+      path.write_bytes(jpeg_bytes(label * 100 + i, fmt=fmt))
+      labels[f"{name}/{i}.{fmt.lower()}"] = label
+  return labels
+
+
+def test_image_folder_classes_labels_and_files(tmp_path):
+  root = tmp_path / "train"
+  labels = write_image_folder(root, {"zebra": 2, "ant": 3})
+  (root / "ant" / "nested").mkdir()
+  (root / "ant" / "nested" / "deep.JPG").write_bytes(jpeg_bytes(7))   # recursive, any case
+  (root / "ant" / "notes.txt").write_text("not an image")            # ignored
+  (root / ".cache").mkdir()                                           # hidden: not a class
+  src = sources.ImageFolderSource(str(root))
+  assert src.class_names() == ["ant", "zebra"] and src.random_access
+  got = {src[i]["key"]: src[i]["label"] for i in range(len(src))}
+  assert got == {**labels, "ant/nested/deep.JPG": 0}
+  assert src[0]["captions"] is None
+  assert src[0]["image"] == (root / src[0]["key"]).read_bytes()
+  os.remove(root / "zebra" / "1.png")
+  assert src[len(src) - 1]["error"] == "unreadable_image"
+  # With the training run's class names: the same labels even where a class folder is missing.
+  named = sources.ImageFolderSource(str(root), class_names=["cow", "zebra", "ant"])
+  assert {named[i]["key"]: named[i]["label"] for i in range(len(named))}["zebra/0.png"] == 1
+  with pytest.raises(ValueError, match=r"class folders \['ant'\] of .* are not among the 2"):
+    sources.ImageFolderSource(str(root), class_names=["cow", "zebra"])
+
+
+def test_image_folder_fails_naming_the_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"data.train_folder: image folder .*nowhere"):
+    sources.ImageFolderSource(str(tmp_path / "nowhere"))
+  (tmp_path / "flat").mkdir()
+  (tmp_path / "flat" / "a.png").write_bytes(jpeg_bytes(0, fmt="PNG"))
+  with pytest.raises(ValueError, match=r"data.eval_folder: .*flat has no class folders"):
+    sources.ImageFolderSource(str(tmp_path / "flat"), field="data.eval_folder")
+  (tmp_path / "empty" / "cat").mkdir(parents=True)
+  with pytest.raises(ValueError, match=r"no image files .* under the 1 class folders of .*empty"):
+    sources.ImageFolderSource(str(tmp_path / "empty"))
 
 
 # ------------------------------------------------------------------------------------------------

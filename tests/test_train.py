@@ -44,10 +44,16 @@ def real_batches(config, n, tokenizer_path):
 
 
 def test_config_typo_names_the_key():
-  with pytest.raises(AttributeError, match="lrr"):
-    config_utils.load_config(os.path.join(REPO, "configs/shapes_coca.py"), ["optim.lrr=1"])
-  with pytest.raises(Exception, match="total_step"):
-    config_utils.load_config(os.path.join(REPO, "configs/shapes_coca.py"), ["total_step=1"])
+  path = os.path.join(REPO, "configs/shapes_coca.py")
+  with pytest.raises(config_utils.ConfigError,
+                     match=r"no config field 'optim.lrr' \(did you mean optim.lr\?\)"):
+    config_utils.load_config(path, ["optim.lrr=1"])
+  with pytest.raises(config_utils.ConfigError, match="'total_step' .*total_steps"):
+    config_utils.load_config(path, ["total_step=1"])
+  with pytest.raises(config_utils.ConfigError, match="optim.lr"):
+    config_utils.load_config(path, ["optim.lr=fast"])
+  with pytest.raises(config_utils.ConfigError, match="'model.nope.x'"):
+    config_utils.load_config(path, ["model.nope.x=1"])
 
 
 CONFIGS = ["shapes_coca", "shapes_clip", "shapes_siglip", "shapes_captioning", "shapes_classify",

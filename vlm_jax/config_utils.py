@@ -165,18 +165,32 @@ def apply_overrides(config: ml_collections.ConfigDict,
     argv.append(f"--config.{o}")
   if len(argv) == 1:
     return config
+  problems = [p for p in (_missing_field(config, a[len("--config."):].split("=", 1)[0])
+                          for a in argv[1:]) if p]
+  if problems:
+    raise ConfigError("--config overrides: " + "; ".join(problems))
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
   try:
+    config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
     fv(argv)
-  except (AttributeError, KeyError) as e:
-    name = str(e).strip("'\"")
-    raise ConfigError(f"--config overrides: no config field {name!r} in "
-                      f"{' '.join(argv[1:])}") from None
   except flags.Error as e:
     raise ConfigError(f"--config overrides: {e}") from None
   return fv.config
+
+
+def _missing_field(config, path: str):
+  """A message when `path` ('a.b.c') names no field of `config`, with the closest names."""
+  node, walked = config, []
+  for part in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, known, n=3)
+      hint = f" (did you mean {', '.join('.'.join(walked + [c]) for c in close)}?)" if close else ""
+      return f"no config field {path!r}{hint}"
+    node = node[part]
+    walked.append(part)
+  return None
 
 
 def _to_flag_string(value: Any) -> str:

@@ -57,7 +57,9 @@ def make_source(data_config, split_name):
     return JsonlSource(path, image_root=data_config.image_root)
   if kind == "imagefolder":
     field = f"data.{split_name}_folder"
-    return ImageFolderSource(data_config.get(f"{split_name}_folder"), field=field)
+    names = [n.strip() for n in (data_config.get("classnames") or "").split(",") if n.strip()]
+    return ImageFolderSource(data_config.get(f"{split_name}_folder"), field=field,
+                             class_names=names or None)
   raise ValueError(f"data.source: unknown source {kind!r}; expected one of {', '.join(KINDS)}")
 
 

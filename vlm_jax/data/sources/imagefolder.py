@@ -1,9 +1,11 @@
 """ImageFolder: `root/<class_name>/<image>`, the layout torchvision's ImageFolder and Keras'
 `image_dataset_from_directory` read.
 
-Classes are the sub-folders of `root` in sorted order (label i = the i-th name), so a train and
-an eval folder with the same class folders agree on labels. Images are the files under each
-class folder (searched recursively) whose extension is an image type, in sorted order; other
+Classes are the sub-folders of `root` in sorted order (label i = the i-th name), or, when the
+class names are given (`data.classnames`, which a classifier's run records from its training
+folder), in that order: an eval folder that lacks a class then still labels the others as
+training did, and a folder that is not one of the classes is an error. Images are the files under
+each class folder (searched recursively) whose extension is an image type, in sorted order; other
 files are ignored. Hidden entries (names starting with '.') are ignored.
 """
 import os
@@ -18,22 +20,28 @@ class ImageFolderSource:
   missing or unreadable file becomes an error example (skipped and counted), not a crash. A root
   without class folders, or without any image, fails at construction naming the path."""
 
-  def __init__(self, root, *, field="data.train_folder"):
+  def __init__(self, root, *, field="data.train_folder", class_names=None):
     if not root:
       raise ValueError(f"{field}: no image folder given (root/<class_name>/*.jpg)")
     self.root = os.fspath(root)
     if not os.path.isdir(self.root):
       raise FileNotFoundError(f"{field}: image folder {self.root!r} does not exist or is not a "
                               "directory")
-    self._classes = sorted(d for d in os.listdir(self.root)
-                           if not d.startswith(".") and os.path.isdir(os.path.join(self.root, d)))
-    if not self._classes:
+    folders = sorted(d for d in os.listdir(self.root)
+                     if not d.startswith(".") and os.path.isdir(os.path.join(self.root, d)))
+    if not folders:
       raise ValueError(f"{field}: {self.root} has no class folders; expected "
                        f"{self.root}/<class_name>/<image files>")
+    self._classes = list(class_names) if class_names else folders
+    unknown = sorted(set(folders) - set(self._classes))
+    if unknown:
+      raise ValueError(f"{field}: class folders {unknown} of {self.root} are not among the "
+                       f"{len(self._classes)} classes of data.classnames")
     self._records = []
     for label, name in enumerate(self._classes):
-      for path in _image_files(os.path.join(self.root, name)):
-        self._records.append((path, label))
+      if name in folders:
+        for path in _image_files(os.path.join(self.root, name)):
+          self._records.append((path, label))
     if not self._records:
       raise ValueError(f"{field}: no image files ({', '.join(IMAGE_SUFFIXES)}) under the "
                        f"{len(self._classes)} class folders of {self.root}")
