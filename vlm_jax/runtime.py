@@ -193,20 +193,13 @@ def load_tokenizer(config, workdir: str, source=None):
   return tok
 
 
-def train_source(config):
-  """The training source, checked for the fields the task needs (before anything compiles)."""
-  from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
-  return sources.make_source(config.data, "train")
-
-
 def make_train_data(runtime: Runtime, tokenizer, source, data_state=None):
-  """This process's training batches, as global arrays prefetched onto the devices. The batch
-  holds the image and the task's fields."""
+  """This process's training batches from `source` (checked against the task's fields before,
+  see `train.prepare`), as global arrays prefetched onto the devices. The batch holds the image
+  and the task's fields."""
   from vlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   config = runtime.config
   field_ops = runtime.task.train_ops(config, tokenizer)
-  sources.check_fields(source, field_ops, f"task {runtime.task.name!r}")
   if config.data.worker_count:
     from vlm_jax import cli  # pylint: disable=g-import-not-at-top
     cli.ensure_flags_parsed()     # grain's worker processes read absl flags

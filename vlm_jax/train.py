@@ -36,6 +36,7 @@ from vlm_jax import config_utils
 from vlm_jax import evals as evals_lib
 from vlm_jax import metrics as metrics_lib
 from vlm_jax import runtime as runtime_lib
+from vlm_jax import tasks
 from vlm_jax.data import tokenizers
 
 
@@ -80,8 +81,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
   runtime_lib.validate(config)
   evals_lib.entries(config)          # an unknown eval name fails now, not after training
   runtime_lib.prepare_data(config)
-  task = runtime_lib.tasks_lib.get(config.task)
-  source = runtime_lib.train_source(config)
+  task = tasks.get(config.task)
+  source = sources.make_source(config.data, "train")
+  # The field ops' requirements do not depend on the tokenizer, which may not exist yet.
   sources.check_fields(source, task.train_ops(config, None), f"task {task.name!r}")
   task.finalize(config, source.class_names())
   return source, runtime_lib.load_tokenizer(config, workdir, source)

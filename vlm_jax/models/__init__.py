@@ -1,8 +1,9 @@
 """Flax Linen models: towers and decoders chosen by name, and the composite models tasks build.
 
 Towers come from a registry by name (`config.model.image.name = 'vit'`); each entry is a module
-with `default_config()` (its config section, `name` included), `from_config(cfg, ...)` and
-`forward_flops(cfg, ...)`. What a tower returns is its contract:
+with `default_config()` (its config section, `name` included), `from_config(cfg, ...)`,
+`forward_flops(cfg, ...)` and `width(cfg)` (image towers also `num_tokens(cfg)`, what a decoder
+cross-attends to). What a tower returns is its contract:
 
   image towers   images [B, H, W, 3] float -> (pooled [B, W], tokens [B, N, W])
   text towers    text [B, L] int ids      -> (pooled [B, W], tokens [B, L, W])

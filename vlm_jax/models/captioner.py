@@ -17,22 +17,29 @@ import flax.linen as nn
 import jax
 
 
-class Captioner(nn.Module):
+class CaptionMethods:
+  """What a model with an image tower (`self.image`) and a decoder (`self.decoder`) offers for
+  captioning; shared by Captioner and CoCa."""
+
+  def image_tokens(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    """images -> the image tower's token sequence [B, N, W] (decoder cross-attention input)."""
+    _, tokens = self.image(images, train=train)
+    return tokens
+
+  def decode(self, image_tokens: jax.Array, text: jax.Array, *, decode: bool = False,
+             train: bool = False) -> jax.Array:
+    """Caption logits [B, L, vocab] float32 (decode=True: one token per call, KV cache)."""
+    return self.decoder(image_tokens, text, train=train, decode=decode)
+
+
+class Captioner(CaptionMethods, nn.Module):
   """See the module docstring. Built by the captioning task."""
   image: Optional[nn.Module] = None       # an image tower returning (pooled, tokens)
   decoder: Optional[nn.Module] = None     # a decoder.Decoder
 
-  def image_tokens(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-    _, tokens = self.image(images, train=train)
-    return tokens
-
   def image_features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     pooled, _ = self.image(images, train=train)
     return pooled
-
-  def decode(self, image_tokens: jax.Array, text: jax.Array, *, decode: bool = False,
-             train: bool = False) -> jax.Array:
-    return self.decoder(image_tokens, text, train=train, decode=decode)
 
   def __call__(self, images: jax.Array, text: jax.Array, *, train: bool = False) -> dict:
     return dict(caption_logits=self.decode(self.image_tokens(images, train=train), text,

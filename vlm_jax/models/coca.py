@@ -17,22 +17,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.models.captioner import CaptionMethods
 from vlm_jax.models.two_tower import TwoTower, l2_normalize
 
 
-class CoCa(TwoTower):
+class CoCa(CaptionMethods, TwoTower):
   """CoCa; see the module docstring. Built by the coca task."""
   decoder: Optional[nn.Module] = None     # a decoder.Decoder
-
-  def image_tokens(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-    """images -> the image tower's token sequence [B, N, Wimg] (decoder cross-attention input)."""
-    _, tokens = self.image(images, train=train)
-    return tokens
-
-  def decode(self, image_tokens: jax.Array, text: jax.Array, *, decode: bool = False,
-             train: bool = False) -> jax.Array:
-    """Caption logits [B, L, vocab] float32 (decode=True: one token per call, KV cache)."""
-    return self.decoder(image_tokens, text, train=train, decode=decode)
 
   def __call__(self, images: jax.Array, text: jax.Array, *, train: bool = False) -> dict:
     pooled, tokens = self.image(images, train=train)

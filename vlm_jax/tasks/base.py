@@ -142,11 +142,6 @@ class Task:
     (`class_names`: the training source's class names, or None)."""
     del config, class_names
 
-  def num_classes(self, config) -> Optional[int]:
-    """override: the number of classes of a task that predicts labels."""
-    del config
-    return None
-
   # ---- data --------------------------------------------------------------------------------------
   def train_ops(self, config, tokenizer) -> list:
     """override: the per-example field ops (`vlm_jax.data.ops`) of a training batch."""

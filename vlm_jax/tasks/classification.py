@@ -46,9 +46,6 @@ class ClassificationTask(base.Task):
       return [f"model.num_classes: {n}; a classifier needs at least 2 classes"]
     return []
 
-  def num_classes(self, config):
-    return config.model.num_classes
-
   def finalize(self, config, class_names):
     """Fills `model.num_classes` (and `data.classnames`) from the training data's classes."""
     m = config.model
