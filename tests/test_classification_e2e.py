@@ -97,7 +97,7 @@ def test_missing_field_fails_before_compiling(tmp_path, monkeypatch):
   (tmp_path / "captions.jsonl").write_text('{"image": "a.png", "caption": "a cat"}\n')
   config = config_utils.load_config(f"{REPO}/configs/shapes_classify.py:tiny", {
       "data.source": "jsonl", "data.train_jsonl": str(tmp_path / "captions.jsonl"),
-      "model.num_classes": 3})
+      "data.eval_jsonl": str(tmp_path / "captions.jsonl"), "model.num_classes": 3})
   with pytest.raises(ValueError, match=r"task 'classification' needs 'label' \(for batch field "
                                        r"label\), which captions file .*captions.jsonl does not "
                                        r"provide \(it provides: image, captions\)"):
@@ -105,10 +105,12 @@ def test_missing_field_fails_before_compiling(tmp_path, monkeypatch):
   os.makedirs(tmp_path / "folder" / "cat")
   (tmp_path / "folder" / "cat" / "0.png").write_bytes(b"")
   config = config_utils.load_config(f"{REPO}/configs/shapes_clip.py:tiny", {
-      "data.source": "imagefolder", "data.train_folder": str(tmp_path / "folder")})
+      "data.source": "imagefolder", "data.train_folder": str(tmp_path / "folder"),
+      "data.eval_folder": str(tmp_path / "folder")})
   with pytest.raises(ValueError, match=r"task 'contrastive' needs 'captions'"):
     train.train_and_evaluate(config, str(tmp_path / "run2"))
   config = config_utils.load_config(f"{REPO}/configs/shapes_classify.py:tiny", {
-      "data.source": "imagefolder", "data.train_folder": str(tmp_path / "empty")})
-  with pytest.raises(FileNotFoundError, match=r"data.train_folder: image folder .*empty"):
+      "data.source": "imagefolder", "data.train_folder": str(tmp_path / "empty"),
+      "data.eval_folder": str(tmp_path / "folder")})
+  with pytest.raises(ValueError, match=r"data.train_folder: .*empty' does not exist"):
     train.train_and_evaluate(config, str(tmp_path / "run3"))

@@ -129,9 +129,9 @@ def test_gradcache_accumulation_equals_the_whole_batch():
 @pytest.mark.parametrize("sections,match", [
     ({"loss": {"contrastive": "hinge"}}, r"loss.contrastive: unknown contrastive loss 'hinge'"),
     ({"loss": {"contrastive_impl": "allgather"}}, r"loss.contrastive_impl: .*'allgather'"),
-    ({"batch_size": 12, "grad_accum_steps": 5}, r"grad_accum_steps=5 must .* divide"),
+    ({"batch_size": 12, "grad_accum_steps": 5}, r"grad_accum_steps: 5 must .* divide"),
     ({"batch_size": 12}, r"12 must be divisible by the 8 data-parallel devices"),
-    ({"total_steps": 0}, r"total_steps=0 must be >= 1"),
+    ({"total_steps": 0}, r"total_steps: 0 must be >= 1"),
 ])
 def test_config_problems_are_named_before_anything_is_built(sections, match):
   config = _config("contrastive", **sections)
@@ -143,7 +143,7 @@ def test_several_problems_are_reported_at_once():
   config = _config("coca", loss={"contrastive": "none", "caption_weight": 0.0}, total_steps=0)
   with pytest.raises(ValueError) as e:
     runtime.validate(config)
-  assert "leave nothing to train" in str(e.value) and "total_steps=0" in str(e.value)
+  assert "leave nothing to train" in str(e.value) and "total_steps: 0" in str(e.value)
   config = _config("captioning")
   with pytest.raises(ValueError, match="model.decoder.vocab_size: must be set"):
     runtime.validate(config)

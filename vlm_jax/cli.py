@@ -10,6 +10,7 @@ field also takes `--config.<field>` / `--noconfig.<field>`.
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from typing import Callable, Optional
 
@@ -53,7 +54,10 @@ def _parse(argv):
 
 
 def run(main: Callable) -> None:
-  """`absl.app.run(main)` with the config arguments split off first (see the module doc)."""
+  """`absl.app.run(main)` with the config arguments split off first (see the module doc), and
+  `--verbose` (tracebacks of errors)."""
+  if "verbose" not in flags.FLAGS:
+    flags.DEFINE_bool("verbose", False, "On an error, print its traceback too.")
   app.run(main, flags_parser=_parse)
 
 
@@ -102,9 +106,10 @@ def start() -> None:
 
 
 def fail(error: BaseException) -> None:
-  """Ends the command with the error's message and exit status 1; the traceback is logged at
-  verbosity 1 (`-v 1`)."""
-  logging.vlog(1, "%s", "".join(traceback.format_exception(error)))
+  """Ends the command with the error's message (`error: ...`) and exit status 1; with
+  `--verbose` the traceback is printed first."""
+  if flags.FLAGS.is_parsed() and "verbose" in flags.FLAGS and flags.FLAGS.verbose:
+    print("".join(traceback.format_exception(error)), file=sys.stderr, flush=True)
   logging.error("%s", error)
   raise SystemExit(f"error: {error}")
 

@@ -26,6 +26,7 @@ import jax
 from vlm_jax import cli
 from vlm_jax import evals as evals_lib
 from vlm_jax import inference
+from vlm_jax import preflight
 from vlm_jax import sharding
 
 _FLAGS = {}
@@ -50,8 +51,8 @@ def evaluate(config, workdir: str, step: int | None = None, *, mesh=None,
   loc = inference.locate(workdir, step)
   if config is None:
     config = inference.load_config(loc)
-  entries = evals_lib.entries(config)   # unknown eval names fail here, before any restore
-  if not entries:
+  preflight.check_evals(config)        # every problem of the evals, before any restore
+  if not evals_lib.entries(config):
     raise ValueError("evals.run: no evaluation selected (config.evals.run is empty)")
   if mesh is None:
     mesh = _mesh(config)

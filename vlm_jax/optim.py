@@ -57,6 +57,9 @@ def decay_mask(params: PyTree, no_decay: str | None = "") -> PyTree:
   return jax.tree.map(lambda p, ex: (jnp.ndim(p) >= 2) and not ex, params, excluded)
 
 
+SCHEDULES = ("cosine", "rsqrt", "constant")
+
+
 def make_schedule(config: ml_collections.ConfigDict) -> Callable[[jnp.ndarray], jnp.ndarray]:
   """Learning-rate schedule from `config.optim.lr`, `config.schedule`, `config.total_steps`."""
   s, lr, total = config.schedule, config.optim.lr, config.total_steps
@@ -83,8 +86,8 @@ def make_schedule(config: ml_collections.ConfigDict) -> Callable[[jnp.ndarray], 
         lr_t *= jnp.clip((total - step) / cooldown, 0.0, 1.0)
       return lr_t
     return rsqrt
-  raise ValueError(f"schedule.kind: unknown schedule {s.kind!r}; expected one of cosine, rsqrt, "
-                   "constant")
+  raise ValueError(f"schedule.kind: unknown schedule {s.kind!r}; expected one of "
+                   f"{', '.join(SCHEDULES)}")
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: PyTree

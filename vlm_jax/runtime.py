@@ -126,30 +126,12 @@ class Runtime:
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
-  """Cheap consistency checks with messages that name the field; all problems at once."""
+  """What building the runtime needs of the config (the task's checks, batch, mesh, schedule);
+  every problem at once. The trainer checks the whole config before (`vlm_jax.preflight`)."""
+  from vlm_jax import preflight  # pylint: disable=g-import-not-at-top
   task = tasks_lib.get(config.task)
-  n = jax.device_count() if num_devices is None else num_devices
-  problems = list(task.validate(config))
-  if config.batch_size % jax.process_count():
-    problems.append(f"batch_size={config.batch_size} must divide evenly over "
-                    f"{jax.process_count()} processes")
-  k = config.grad_accum_steps
-  if k < 1 or config.batch_size % k:
-    problems.append(f"grad_accum_steps={k} must be >= 1 and divide batch_size="
-                    f"{config.batch_size}")
-  else:
-    try:
-      data, fsdp, _ = sharding.mesh_shape(config.mesh, n)
-      if (config.batch_size // k) % (data * fsdp):
-        problems.append(f"batch_size/grad_accum_steps = {config.batch_size // k} must be "
-                        f"divisible by the {data * fsdp} data-parallel devices (mesh.data * "
-                        "mesh.fsdp)")
-    except ValueError as e:
-      problems.append(str(e))
-  if config.total_steps < 1:
-    problems.append(f"total_steps={config.total_steps} must be >= 1")
-  if problems:
-    raise ValueError("config: " + "; ".join(problems))
+  preflight.raise_problems(list(task.validate(config))
+                           + preflight.trainer_problems(config, num_devices))
 
 
 # ---- data and tokenizer -------------------------------------------------------------------------

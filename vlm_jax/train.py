@@ -35,6 +35,7 @@ from vlm_jax import cli
 from vlm_jax import config_utils
 from vlm_jax import evals as evals_lib
 from vlm_jax import metrics as metrics_lib
+from vlm_jax import preflight
 from vlm_jax import runtime as runtime_lib
 from vlm_jax import tasks
 from vlm_jax.data import tokenizers
@@ -75,16 +76,15 @@ def _data_stats(data_iter) -> dict:
 
 def prepare(config: ml_collections.ConfigDict, workdir: str):
   """Everything that can fail on the config or the data, before anything is compiled:
-  (training source, tokenizer or None). Completes the config from the data (the task's
-  `finalize`, e.g. a classifier's number of classes)."""
+  (training source, tokenizer or None). Every problem of the config is reported at once
+  (`vlm_jax.preflight`); then the data is prepared and checked. Completes the config from the
+  data (the task's `finalize`, e.g. a classifier's number of classes)."""
   from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
-  runtime_lib.validate(config)
-  evals_lib.entries(config)          # an unknown eval name fails now, not after training
+  preflight.raise_problems(preflight.config_problems(config))
   runtime_lib.prepare_data(config)
+  preflight.raise_problems(preflight.data_problems(config))
   task = tasks.get(config.task)
   source = sources.make_source(config.data, "train")
-  # The field ops' requirements do not depend on the tokenizer, which may not exist yet.
-  sources.check_fields(source, task.train_ops(config, None), f"task {task.name!r}")
   task.finalize(config, source.class_names())
   return source, runtime_lib.load_tokenizer(config, workdir, source)
 

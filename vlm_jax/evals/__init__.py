@@ -66,23 +66,27 @@ def evals_config(run: str = "", batch_size: int = 64) -> ml_collections.ConfigDi
   return c
 
 
-def entries(config):
-  """[(entry name, entry config)] of `config.evals.run`, validated (clear errors for unknown
-  names and kinds)."""
+def entries(config, problems=None):
+  """[(entry name, entry config)] of `config.evals.run`. An unknown name or kind raises a
+  ValueError naming it, or, when a `problems` list is given, is added to it and left out."""
   evals = config.get("evals")
   if evals is None:
     return []
   names = [n.strip() for n in str(evals.run or "").split(",") if n.strip()]
   known = sorted(k for k, v in evals.items() if hasattr(v, "get") and "kind" in v)
-  out = []
+  out, found = [], []
   for name in names:
     if name not in known:
-      raise ValueError(f"evals.run: unknown eval {name!r}; expected one of {', '.join(known)}")
-    entry = evals[name]
-    if entry.kind not in EVALUATORS:
-      raise ValueError(f"evals.{name}.kind: unknown eval kind {entry.kind!r}; expected one of "
-                       f"{', '.join(EVALUATORS)}")
-    out.append((name, entry))
+      found.append(f"evals.run: unknown eval {name!r}; expected one of {', '.join(known)}")
+    elif evals[name].kind not in EVALUATORS:
+      found.append(f"evals.{name}.kind: unknown eval kind {evals[name].kind!r}; expected one of "
+                   f"{', '.join(EVALUATORS)}")
+    else:
+      out.append((name, evals[name]))
+  if found and problems is None:
+    raise ValueError("; ".join(found))
+  if problems is not None:
+    problems.extend(found)
   return out
 
 

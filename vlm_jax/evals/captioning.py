@@ -24,6 +24,36 @@ CAPTION_METRICS = ("bleu", "cider", "rouge", "meteor")
 CAPTION_TOKENIZERS = ("auto", "java", "python")
 
 
+def predict_fns(entry):
+  """The task's predict functions this evaluator calls."""
+  return ("generate", "caption_nll") if entry.get("loglik", True) else ("generate",)
+
+
+def splits(config, entry, tokenizer=None):
+  """[(data config, field ops)] this evaluator reads (checked before training)."""
+  length = common.text_length(config)
+  return [(common.eval_data_config(config, entry),
+           [ops.AllCaptions(tokenizer, length, entry.max_captions)])]
+
+
+def check(config, entry) -> list:
+  """Problems with the entry's own fields."""
+  problems = []
+  if (entry.get("tokenizer") or "auto") not in CAPTION_TOKENIZERS:
+    problems.append(f"tokenizer: unknown caption tokenizer {entry.tokenizer!r}; expected one of "
+                    f"{', '.join(CAPTION_TOKENIZERS)}")
+  unknown = [m.strip() for m in str(entry.metrics).split(",")
+             if m.strip() and m.strip() not in CAPTION_METRICS]
+  if unknown:
+    problems.append(f"metrics: unknown {unknown}; expected some of {', '.join(CAPTION_METRICS)}")
+  if entry.get("beam_size") is not None and entry.beam_size < 1:
+    problems.append(f"beam_size: {entry.beam_size} must be >= 1")
+  limit = common.text_length(config) - 1
+  if entry.get("max_len") and entry.max_len > limit:
+    problems.append(f"max_len: {entry.max_len} exceeds the model's context length - 1 = {limit}")
+  return problems
+
+
 def default_config(**fields):
   c = common.entry_config("caption")
   c.max_captions = 5               # reference captions per image
@@ -185,8 +215,7 @@ def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, floa
     return out
 
   key = ("caption", with_nll, tuple(sorted(static.items())))
-  data = common.eval_data_config(ctx.config, eval_config)
-  field_ops = [ops.AllCaptions(tok, ctx.context_length, eval_config.max_captions)]
+  (data, field_ops), = splits(ctx.config, eval_config, tok)
   predictions, references = [], []
   nll_sum, ntok_sum = 0.0, 0.0
   for batch in common.iterate_batches(ctx, data, field_ops,

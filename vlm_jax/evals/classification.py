@@ -13,6 +13,15 @@ from vlm_jax.evals import common
 from vlm_jax.evals import zeroshot
 
 
+PREDICT_FNS = ("classify",)
+
+
+def splits(config, entry, tokenizer=None):
+  """[(data config, field ops)] this evaluator reads (checked before training)."""
+  del tokenizer
+  return [(common.eval_data_config(config, entry), [ops.Label()])]
+
+
 def default_config(**fields):
   c = common.entry_config("classification")
   c.ks = (1, 5)
@@ -24,9 +33,9 @@ def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, floa
   who = f"evals: classification on {tag!r}"
   classify = ctx.predict_fn("classify", who)
   fn = lambda p, b: (classify(p, b), b["label"], b["mask"])
-  data = common.eval_data_config(ctx.config, eval_config)
+  (data, field_ops), = splits(ctx.config, eval_config)
   all_logits, all_labels = [], []
-  for batch in common.iterate_batches(ctx, data, [ops.Label()],
+  for batch in common.iterate_batches(ctx, data, field_ops,
                                       common.entry_batch_size(ctx.config, eval_config), who=who):
     logits, labels, mask = ctx.call("classification/logits", fn, batch)
     all_logits.append(logits[mask])

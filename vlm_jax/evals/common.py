@@ -278,5 +278,12 @@ def iterate_batches(ctx: EvalContext, data_config, field_ops, batch_size: int, *
     it.close()
 
 
+def text_length(config) -> int:
+  """The model's context length (0 for a task that reads no text)."""
+  from vlm_jax import tasks  # pylint: disable=g-import-not-at-top
+  spec = tasks.get(config.task).text_spec(config)
+  return spec.context_length if spec is not None else 0
+
+
 def entry_batch_size(config, eval_config) -> int:
   return int(eval_config.get("batch_size") or config.evals.batch_size)

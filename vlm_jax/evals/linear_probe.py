@@ -21,6 +21,28 @@ from vlm_jax.evals import common
 DEFAULT_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
+PREDICT_FNS = ("image_features",)
+
+
+def splits(config, entry, tokenizer=None):
+  """[(training-side data config, field ops), (eval-side data config, field ops)]."""
+  del tokenizer
+  train = _train_side(common.eval_data_config(
+      config, entry, split=entry.train_split or config.data.train_split))
+  return [(train, [ops.Label()]), (common.eval_data_config(config, entry), [ops.Label()])]
+
+
+def check(config, entry) -> list:
+  """Problems with the entry's own fields."""
+  del config
+  problems = []
+  if not 0.0 <= entry.holdout_fraction < 1.0:
+    problems.append(f"holdout_fraction: {entry.holdout_fraction} must be in [0, 1)")
+  if not entry.l2_regs or any(l2 < 0 for l2 in entry.l2_regs):
+    problems.append(f"l2_regs: {tuple(entry.l2_regs)} must be non-empty and >= 0")
+  return problems
+
+
 def default_config(**fields):
   c = common.entry_config("linear_probe")
   c.train_split = common.placeholder(str)   # TFDS split to fit on (None: data.train_split)
@@ -110,9 +132,7 @@ def _features(ctx, data, limit, who, batch_size):
 def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, float]:
   who = f"evals: linear probe on {tag!r}"
   batch_size = common.entry_batch_size(ctx.config, eval_config)
-  test_data = common.eval_data_config(ctx.config, eval_config)
-  train_data = _train_side(common.eval_data_config(
-      ctx.config, eval_config, split=eval_config.train_split or ctx.config.data.train_split))
+  (train_data, _), (test_data, _) = splits(ctx.config, eval_config)
   train_x, train_y = _features(ctx, train_data, eval_config.max_train_examples, who, batch_size)
   test_x, test_y = _features(ctx, test_data, None, who, batch_size)
   if len(train_y) < 2:

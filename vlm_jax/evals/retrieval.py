@@ -19,6 +19,16 @@ DEFAULT_KS = (1, 5, 10)
 _CHUNK = 1024   # similarity rows per block, so 25k captions x 5k images never sit in memory at once
 
 
+PREDICT_FNS = ("encode_images", "encode_texts")
+
+
+def splits(config, entry, tokenizer=None):
+  """[(data config, field ops)] this evaluator reads (checked before training)."""
+  length = common.text_length(config)
+  return [(common.eval_data_config(config, entry),
+           [ops.AllCaptions(tokenizer, length, entry.max_captions)])]
+
+
 def default_config(**fields):
   c = common.entry_config("retrieval")
   c.max_captions = 5               # captions per image
@@ -85,8 +95,7 @@ def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, floa
     texts = encode_texts(params, {"text": batch["captions"].reshape(b * k, length)})
     return images, texts.reshape(b, k, -1), batch["mask"], batch["captions_mask"]
 
-  data = common.eval_data_config(ctx.config, eval_config)
-  field_ops = [ops.AllCaptions(ctx.tokenizer, ctx.context_length, eval_config.max_captions)]
+  (data, field_ops), = splits(ctx.config, eval_config, ctx.tokenizer)
   images, texts, ids = [], [], []
   count = 0
   for batch in common.iterate_batches(ctx, data, field_ops,

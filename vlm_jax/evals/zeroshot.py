@@ -18,6 +18,25 @@ from vlm_jax.evals import templates as templates_lib
 PROMPT_BATCH_SIZE = 512
 
 
+PREDICT_FNS = ("encode_images", "encode_texts")
+
+
+def splits(config, entry, tokenizer=None):
+  """[(data config, field ops)] this evaluator reads (checked before training)."""
+  del tokenizer
+  return [(common.eval_data_config(config, entry), [ops.Label()])]
+
+
+def check_data(config, entry, tag) -> list:
+  """Problems only the data can show: zero-shot needs class names."""
+  (data, field_ops), = splits(config, entry)
+  try:
+    class_list(data, tag, common.eval_source(data, field_ops))
+  except ValueError as e:
+    return [f"{e} (zero-shot on {tag!r}: set evals.<name>.classnames, comma-separated)"]
+  return []
+
+
 def default_config(**fields):
   c = common.entry_config("zeroshot")
   c.templates = "auto"             # 'auto' (shapes -> its prompts, else clip80) | 'clip80' |
@@ -94,10 +113,7 @@ def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, floa
   who = f"evals: zero-shot on {tag!r}"
   encode = ctx.predict_fn("encode_images", who)
   ctx.predict_fn("encode_texts", who)
-  data = common.eval_data_config(ctx.config, eval_config)
-  if not data.label_key and data.source == "tfds":
-    raise ValueError(f"{who} needs labels; set the entry's label_key")
-  field_ops = [ops.Label()]
+  (data, field_ops), = splits(ctx.config, eval_config)
   source = common.eval_source(data, field_ops, who)
   classnames = class_list(data, tag, source)
   dataset = data.name if data.source == "tfds" else tag

@@ -137,6 +137,14 @@ class Task:
     del config
     return None
 
+  def build_problems(self, config) -> list:
+    """Problems building the model from the config shows (no parameter is initialised)."""
+    try:
+      self.build_model(config)
+    except (ValueError, TypeError, KeyError) as e:
+      return [str(e)]
+    return []
+
   def finalize(self, config, class_names) -> None:
     """override: completes the config from the training data before anything is built
     (`class_names`: the training source's class names, or None)."""

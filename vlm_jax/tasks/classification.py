@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from vlm_jax import config_utils
 from vlm_jax import losses
 from vlm_jax import models
 from vlm_jax.data import ops
@@ -60,6 +61,13 @@ class ClassificationTask(base.Task):
     if m.num_classes is None:
       raise ValueError("model.num_classes: not set, and the training data does not say how many "
                        "classes it has (no TFDS ClassLabel, not an ImageFolder); set it")
+
+  def build_problems(self, config):
+    """The model's problems before the data has given the number of classes."""
+    if config.model.num_classes is None:
+      config = config_utils.complete(
+          dict(config.to_dict(), model=dict(config.model.to_dict(), num_classes=2)))
+    return super().build_problems(config)
 
   def train_ops(self, config, tokenizer):
     del config, tokenizer
