@@ -9,6 +9,7 @@ mapping `hf_to_openai_state` below -- open_clip itself cannot be imported here (
 a torchvision build matching the CPU torch), so the OpenAI layout is produced from its
 documented key names, and its outputs are those of the HF model.
 """
+import io
 import json
 import math
 import os
@@ -431,6 +432,45 @@ def test_pickled_objects_are_refused(tmp_path, monkeypatch):
     convert.convert_checkpoint("openclip", str(evil_ts), str(out), model="ViT-B-32")
   assert not marker.exists()
   _assert_nothing_written(tmp_path, out)
+
+
+def test_refusals_say_what_the_file_is(tmp_path, monkeypatch):
+  import tarfile  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  marker = tmp_path / "pwned"
+  monkeypatch.setenv("PWNED_MARKER", str(marker))
+  for protocol in (0, 1):
+    old = tmp_path / f"p{protocol}.pt"
+    old.write_bytes(pickle.dumps(_Payload(), protocol=protocol))
+    with pytest.raises(convert.ConversionError,
+                       match=rf"refusing to load .*p{protocol}\.pt: it is a plain pickle "
+                             rf"\(protocol {protocol}\), not a PyTorch checkpoint"):
+      common.read_checkpoint(str(old))
+  legacy = tmp_path / "legacy.pt"        # torch < 0.4 wrote checkpoints as tar archives
+  with tarfile.open(legacy, "w") as tar:
+    for name in ("sys_info", "pickle", "storages", "tensors"):
+      data = pickle.dumps(_Payload(), protocol=2)
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  with pytest.raises(convert.ConversionError,
+                     match=r"refusing to load .*legacy\.pt: it is a legacy PyTorch \.tar "
+                           r"checkpoint"):
+    common.read_checkpoint(str(legacy))
+  # A TorchScript archive whose module holds no tensor and whose constants.pkl holds the payload.
+  torchscript_archive({}, tmp_path / "empty_ts.pt")
+  evil = tmp_path / "constants_only.pt"
+  with zipfile.ZipFile(tmp_path / "empty_ts.pt") as zin, zipfile.ZipFile(evil, "w") as zout:
+    for item in zin.infolist():
+      data = zin.read(item.filename)
+      if item.filename.endswith("/constants.pkl"):
+        data = pickle.dumps(_Payload(), protocol=2)
+      zout.writestr(item, data)
+  with pytest.raises(convert.ConversionError,
+                     match=r"constants_only\.pt: a TorchScript archive whose module holds no "
+                           r"tensors \(its constants.pkl and code are never read"):
+    common.read_checkpoint(str(evil))
+  assert not marker.exists()
 
 
 def test_out_dir_is_never_overwritten(one_reference, tmp_path):

@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import shutil
+import tarfile
 import tempfile
 import warnings
 import zipfile
@@ -84,11 +85,42 @@ def _as_numpy_float32(array: np.ndarray) -> np.ndarray:
   return np.array(array)
 
 
+def _pickle_protocol(path: str):
+  """The protocol of the pickle stream `path` holds (its PROTO opcode, else the newest protocol
+  its opcodes need), or None if it is not one. Read with pickletools, which lists opcodes and
+  never builds an object."""
+  import pickletools  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path, "rb") as f:
+      protocol, declared = 0, None
+      for opcode, arg, _ in pickletools.genops(f):
+        protocol = max(protocol, opcode.proto)
+        if opcode.name == "PROTO":
+          declared = arg
+        if opcode.name == "STOP":
+          return declared if declared is not None else protocol
+  except Exception:  # pylint: disable=broad-except  (anything that is not a pickle stream)
+    return None
+  return None
+
+
+_REFUSED = ("vlm_jax never unpickles a checkpoint's objects; save the model's state_dict with a "
+            "current torch.save, or a .safetensors file")
+
+
 def _read_torch(path: str) -> dict[str, Any]:
   if zipfile.is_zipfile(path):
     with zipfile.ZipFile(path) as z:
       if any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist()):
         return read_torchscript(path)
+  elif tarfile.is_tarfile(path):
+    with tarfile.open(path) as t:
+      names = set(t.getnames())
+    if {"pickle", "storages", "tensors"} <= names:
+      raise ConversionError(f"convert: refusing to load {path}: it is a legacy PyTorch .tar "
+                            "checkpoint (torch < 0.4), which can only be read by unpickling its "
+                            f"objects; {_REFUSED}")
+    raise ConversionError(f"convert: {path} is a tar archive, not a PyTorch checkpoint")
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -108,6 +140,11 @@ def _read_torch(path: str) -> dict[str, Any]:
           f"and plain containers{f' ({detail})' if detail else ''}. Checkpoints are read with "
           "torch.load(weights_only=True), which never runs code from the file; save only the "
           "model's state_dict (or a .safetensors file) instead") from e
+    protocol = _pickle_protocol(path)
+    if protocol is not None:
+      raise ConversionError(f"convert: refusing to load {path}: it is a plain pickle (protocol "
+                            f"{protocol}), not a PyTorch checkpoint; unpickling it could run "
+                            f"code from the file. {_REFUSED}") from e
     raise ConversionError(f"convert: {path} is not a PyTorch checkpoint (unrecognised or "
                           "corrupt file)") from e
   except RuntimeError as e:
@@ -245,7 +282,8 @@ def read_torchscript(path: str) -> dict[str, Any]:
     raise ConversionError(f"convert: {path} is not a readable TorchScript archive "
                           f"({type(e).__name__}: {e})") from e
   if not isinstance(root, _ScriptModule):
-    raise ConversionError(f"convert: {path}: the TorchScript archive does not hold a module")
+    raise ConversionError(f"convert: {path}: a TorchScript archive whose data.pkl holds a "
+                          f"{type(root).__name__}, not a module; not a model checkpoint")
   out: dict[str, Any] = {}
 
   def visit(prefix: str, node: _ScriptModule, depth: int):
@@ -258,6 +296,10 @@ def read_torchscript(path: str) -> dict[str, Any]:
       elif isinstance(v, _ScriptModule):
         visit(name + ".", v, depth + 1)
   visit("", root, 0)
+  if not out:
+    raise ConversionError(f"convert: {path}: a TorchScript archive whose module holds no tensors "
+                          "(its constants.pkl and code are never read or unpickled here); not a "
+                          "model checkpoint")
   return out
 
 
