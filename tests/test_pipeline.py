@@ -226,7 +226,8 @@ def test_bad_data_is_skipped_counted_and_resumed(tmp_path, tok, caplog):
     labels = sorted(int(b["label"][0]) for b in it)
   assert labels == [0, 1, 2, 3, 100, 101]  # only the good samples, none substituted
   assert it.skipped_counts() == {"undecodable_image": 1, "empty_caption": 1,
-                                 "non_utf8_caption": 1, "truncated_shard": 1}
+                                 "non_utf8_caption": 1, "truncated_shard": 1,
+                                 "lost_in_truncated_shard": 1}
   assert "00000.tar/corrupt (undecodable_image)" in caplog.text
   assert "00001.tar" in caplog.text
   # The counts are part of the state: a resumed iterator continues them.

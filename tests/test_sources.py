@@ -150,13 +150,17 @@ def test_wds_truncated_shard_keeps_samples_before_damage(tmp_path):
     member = tar.getmember("s001_i03.jpg")
   path.write_bytes(data[:member.offset_data + member.size // 2])
   index = sources.index_shard(str(path))
-  assert index.truncated
+  assert index.truncated and index.lost == 1     # the 4th sample, cut in two
   assert [k for k, _ in index.samples] == ["s001_i00", "s001_i01", "s001_i02"]
   out = [raw for raw, _ in iterate_all(sources.WdsSource(str(tmp_path / "*.tar")),
                                        process_index=0, process_count=1)]
   errors = [raw for raw in out if raw.get("error")]
-  assert [(e["error"], e["key"]) for e in errors] == [("truncated_shard", "00001.tar")]
+  assert [(e["error"], e["key"], e["lost"]) for e in errors] == [
+      ("truncated_shard", "00001.tar", 1)]
   assert [raw["key"] for raw in out if not raw.get("error")] == keys[:6 + 3]
+  # img2dataset's stats file beside the shard tells how many samples it held: 6, 3 kept.
+  (tmp_path / "00001_stats.json").write_text(json.dumps({"successes": 6, "failed": 0}))
+  assert sources.index_shard(str(path)).lost == 3
 
 
 def test_wds_truncated_at_member_boundary_is_detected(tmp_path):

@@ -160,7 +160,7 @@ class Preprocess:
   def __call__(self, raw, rng=None):
     key = raw.get("key", "?")
     if raw.get("error"):
-      return {"_skip": raw["error"], "_key": key}
+      return {"_skip": raw["error"], "_key": key, "_lost": int(raw.get("lost", 0))}
     try:
       out = {"image": self._image(raw["image"], rng), "mask": np.bool_(True)}
       for op in self.ops:
@@ -271,8 +271,8 @@ class SkipLog:
     self.counts = collections.Counter(counts or {})
     self._logged = set()
 
-  def add(self, reason, key):
-    self.counts[reason] += 1
+  def add(self, reason, key, count=1):
+    self.counts[reason] += count
     if (reason, key) not in self._logged and len(self._logged) < _MAX_LOGGED_KEYS:
       self._logged.add((reason, key))
       logging.warning("input pipeline: skipped %s (%s)", key, reason)
@@ -310,6 +310,8 @@ class DataIterator:
         break
       if "_skip" in element:
         self._skips.add(element["_skip"], element["_key"])
+        if element.get("_lost"):
+          self._skips.add("lost_in_truncated_shard", element["_key"], element["_lost"])
         continue
       return element
     return None

@@ -70,12 +70,29 @@ class ShardIndex:
   path: str
   samples: list  # [(key, {ext: (offset, size)})] in file order
   truncated: bool
+  lost: int = 0   # samples known lost to the damage (see `index_shard`)
+
+
+def _stats_successes(path):
+  """The sample count img2dataset wrote beside a shard (`<stem>_stats.json`), else None."""
+  stats = os.path.splitext(path)[0] + "_stats.json"
+  try:
+    with open(stats) as f:
+      count = json.load(f).get("successes")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return count if isinstance(count, int) and count >= 0 else None
 
 
 def index_shard(path):
   """Scans a tar's headers (seeking over the data). A damaged tail is cut at the last complete
-  sample: everything from the point of damage on is dropped and `truncated` is set."""
-  samples, current_key, current, truncated = [], None, {}, False
+  sample: everything from the point of damage on is dropped and `truncated` is set.
+
+  `lost` is what the index can tell of the samples dropped: the sample the damage cut into (one),
+  or, when img2dataset's `<stem>_stats.json` sits beside the shard, its sample count minus the
+  samples kept, if that is more.
+  """
+  samples, current_key, current, truncated, lost = [], None, {}, False, 0
   file_size = os.path.getsize(path)
   try:
     with tarfile.open(path, "r:") as tar:
@@ -84,7 +101,7 @@ def index_shard(path):
         if member is None:
           break
         if member.offset_data + member.size > file_size:
-          truncated = True
+          truncated, lost = True, 1     # the sample the damaged file belongs to
           # The open sample is complete when the damaged file starts a new one.
           if _split_member_name(member.name)[0] != current_key and current_key is not None:
             samples.append((current_key, current))
@@ -109,8 +126,12 @@ def index_shard(path):
     truncated = True
   if current_key is not None and not truncated:
     samples.append((current_key, current))
-  # Otherwise, when truncated, the open sample may be missing files: it goes with the rest.
-  return ShardIndex(path, samples, truncated)
+  elif current_key is not None:
+    lost = 1   # when truncated, the open sample may be missing files: it goes with the rest
+  expected = _stats_successes(path) if truncated else None
+  if expected is not None:
+    lost = max(lost, expected - len(samples))
+  return ShardIndex(path, samples, truncated, lost)
 
 
 def read_tar_sample(path, key, files):
@@ -165,7 +186,8 @@ class WdsSource:
   trades shuffle quality (samples from that many shards mix) against index memory.
 
   A truncated shard contributes its samples up to the damage and one `truncated_shard` error
-  example at the start of its group (so it is counted once per epoch).
+  example at the start of its group (so it is counted once per epoch), which also carries the
+  number of samples known lost with it (`ShardIndex.lost`; counted as `lost_in_truncated_shard`).
   """
 
   def __init__(self, pattern, *, field="data.train_shards", group_size=4):
@@ -199,12 +221,12 @@ class WdsSource:
     return shards
 
   def _group_entries(self, shards):
-    """[(path, key or None, files or None)]; a None key marks a truncated shard."""
+    """[(path, key or None, files or lost count)]; a None key marks a truncated shard."""
     entries, markers = [], []
     for path in shards:
       index = self._index(path)
       if index.truncated:
-        markers.append((path, None, None))
+        markers.append((path, None, index.lost))
       entries.extend((path, key, files) for key, files in index.samples)
     return markers, entries
 
@@ -228,8 +250,9 @@ class WdsSource:
         for i in range(offset, len(entries)):
           path, key, files = entries[i]
           if key is None:
-            logging.warning("truncated tar shard %s: samples after the damage are skipped", path)
-            raw = common.error("truncated_shard", os.path.basename(path))
+            logging.warning("truncated tar shard %s: samples after the damage are skipped (%d "
+                            "known lost)", path, files)
+            raw = dict(common.error("truncated_shard", os.path.basename(path)), lost=files)
           else:
             raw = read_tar_sample(path, key, files)
           yield raw, {"epoch": epoch, "group": g, "offset": i + 1}
