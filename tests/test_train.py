@@ -308,7 +308,25 @@ def test_too_many_nonfinite_steps_stop_the_run(shapes_data_dir, tokenizer_path, 
                     model__max_logit_scale=float("inf"), total_steps=20, log_every_steps=2,
                     checkpoint_every_steps=2, max_consecutive_nonfinite=3,
                     batch_size=8)
-  with pytest.raises(train.NonFiniteError, match="consecutive steps with non-finite"):
+  with pytest.raises(train.NonFiniteError, match="3 consecutive steps with non-finite .*up to "
+                                                 "step 3"):
     train.train_and_evaluate(cfg, str(tmp_path))
   # Step 2 (streak 2 < 3) was still a good checkpoint (params untouched); step 4 was not saved.
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_every_skipped_step_is_in_the_metrics(shapes_data_dir, tokenizer_path, tmp_path):
+  """Checked every step, whatever the log interval: each skipped step is written with the terms
+  that were not finite, and the run stops at the step that reaches the limit."""
+  cfg = tiny_config("clip", shapes_data_dir, tokenizer_path, model__logit_scale_init=1000.0,
+                    model__max_logit_scale=float("inf"), total_steps=20, log_every_steps=100,
+                    checkpoint_every_steps=0, max_consecutive_nonfinite=4, batch_size=8)
+  with pytest.raises(train.NonFiniteError, match="up to step 4"):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  for r in records:
+    assert r["nonfinite_streak"] == r["step"] == r["nonfinite_total"]
+    terms = set(r["nonfinite_terms"].split(","))
+    assert {"loss", "contrastive_loss"} <= terms
+    assert all(r[t] is None for t in terms)        # NaN / inf written as null

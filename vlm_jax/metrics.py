@@ -65,7 +65,7 @@ class MetricWriter:
     clean = {"step": int(step)}
     for k, v in metrics.items():
       v = float(v) if not isinstance(v, str) else v
-      clean[k] = v if not (isinstance(v, float) and math.isnan(v)) else None
+      clean[k] = v if not (isinstance(v, float) and not math.isfinite(v)) else None
     self._jsonl.write(json.dumps(clean) + "\n")
     self._jsonl.flush()
     if self._tb is not None:

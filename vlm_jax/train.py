@@ -20,6 +20,7 @@ Without --config, the config saved in the workdir is used (resuming a run as it 
 from __future__ import annotations
 
 import base64
+import math
 import os
 import signal
 import threading
@@ -64,6 +65,45 @@ class _Preemption:
   def restore(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class _NonFiniteWatch:
+  """Checks every step for a skipped (non-finite) update without making a step wait: a step's
+  counters are read one step late, once the next step is already queued on the devices. Each
+  skipped step is written to the metrics (which terms were non-finite) and a streak of
+  `limit` stops the run at the step that reaches it."""
+
+  def __init__(self, limit: int, writer, checkpointer):
+    self._limit, self._writer, self._ckpt = int(limit), writer, checkpointer
+    self._pending = None
+
+  def push(self, step: int, metrics) -> None:
+    """Records this step's (device) metrics and checks the previous step's."""
+    previous, self._pending = self._pending, (step, metrics)
+    if previous is not None:
+      self._check(*previous)
+
+  def flush(self) -> None:
+    """Checks the last step pushed (at the end of the loop)."""
+    if self._pending is not None:
+      previous, self._pending = self._pending, None
+      self._check(*previous)
+
+  def _check(self, step, metrics):
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    streak = int(m["nonfinite_streak"])
+    if not streak:
+      return
+    bad = sorted(k for k, v in m.items() if not math.isfinite(v))
+    self._writer.write(step, {**{k: m[k] for k in bad}, "nonfinite_streak": float(streak),
+                              "nonfinite_total": m["nonfinite_total"],
+                              "nonfinite_terms": ",".join(bad)})
+    logging.warning("step %d skipped: non-finite %s (%d in a row)", step, ", ".join(bad), streak)
+    if streak >= self._limit:
+      raise NonFiniteError(
+          f"{streak} consecutive steps with non-finite loss or gradients (up to step {step}; "
+          f"max_consecutive_nonfinite={self._limit}); stopping. The last good checkpoint is "
+          f"step {self._ckpt.latest_step()}.")
 
 
 def _data_stats(data_iter) -> dict:
@@ -136,6 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   flops = rt.task.train_flops_per_example(config)
   peak = metrics_lib.device_peak_flops()
   preemption = _Preemption(checkpointer)
+  watch = _NonFiniteWatch(config.max_consecutive_nonfinite, writer, checkpointer)
   last_metrics: dict = {}
   t0, t0_step = time.time(), start
   step = start
@@ -150,6 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       while step < total:
         if preemption.reached(step):
           logging.warning("preemption: saving at step %d and exiting", step)
+          watch.flush()
           if checkpointer.latest_step() != step:
             save(step)
           break
@@ -157,16 +199,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, step_metrics = step_fn(state, batch)
         step += 1
         writer.advance(step)
+        watch.push(step, step_metrics)
 
         log_now = step % config.log_every_steps == 0 or step == total
         ckpt_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-        if log_now or ckpt_now:
-          streak = int(jax.device_get(state.nonfinite_streak))
-          if streak >= config.max_consecutive_nonfinite:
-            raise NonFiniteError(
-                f"{streak} consecutive steps with non-finite loss or gradients (up to step "
-                f"{step}; max_consecutive_nonfinite={config.max_consecutive_nonfinite}); "
-                f"stopping. The last good checkpoint is step {checkpointer.latest_step()}.")
         if log_now:
           m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           dt = time.time() - t0
@@ -188,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           if ev:
             writer.write(step, ev)
             last_metrics.update(ev)
+      watch.flush()
       if step >= total:
         if checkpointer.latest_step() != step:
           save(step)
