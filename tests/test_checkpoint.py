@@ -108,3 +108,25 @@ def test_init_from_reports_missing_and_mismatched(tmp_path):
   assert "text_projection/kernel" not in loaded and "image/embedding/kernel" in loaded
   assert any("skipped by init_from_skip: text_projection/kernel" in m for m in messages)
   ck.close()
+
+
+def test_saving_behind_is_measured_and_waited_for(tmp_path, caplog):
+  """An async save still in progress does not count as the newest checkpoint, and the next save
+  waits for it (with a warning) instead of letting the gap a kill would lose grow."""
+  import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=True)
+  ck.save(1, {"w": jnp.arange(10.0)}, {}, {})
+  ck.wait()
+  assert ck.finished_step() == 1
+  big = {"w": jnp.ones((64, 1024, 1024), jnp.float32)}   # 256 MB: a save that takes a while
+  ck.save(2, big, {}, {})
+  in_progress = ck.manager.is_saving_in_progress()
+  assert in_progress, "the 256 MB save finished at once; the test cannot see it in progress"
+  assert ck.finished_step() == 1
+  with caplog.at_level("WARNING"):
+    ck.save(3, {"w": jnp.arange(3.0)}, {}, {})
+  assert "the save of step 2 is still being written at step 3" in caplog.text
+  assert ck.wait_seconds > 0
+  ck.wait()
+  assert ck.finished_step() == 3
+  ck.close()

@@ -68,6 +68,7 @@ def test_image_folder_classifier_trains_evaluates_and_predicts(shapes_data_dir, 
   final = {k: v for r in records if r["step"] == STEPS for k, v in r.items()}
   assert final["eval/classification/imagefolder/num_examples"] == 64
   assert {"classification_loss", "accuracy"} <= set(final)
+  assert final["checkpoint/lag_steps"] == 4    # logged before step 8's save: step 4 is newest
 
   # The evaluation command reproduces the trainer's final evaluation from the saved config.
   printed = json.loads(_run(["vlm_jax.evaluate", f"--workdir={workdir}"]).splitlines()[-1])

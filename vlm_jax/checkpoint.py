@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 from typing import Any, Optional
 
 from absl import logging
@@ -99,6 +100,10 @@ class Checkpointer:
         create=not read_only,
         read_only=read_only,
     )
+    # The newest save known to be complete, and the seconds saves have waited for the previous
+    # one to finish (saving slower than the checkpoint interval).
+    self._finished = None
+    self.wait_seconds = 0.0
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.PyTreeCheckpointHandler(),
@@ -117,12 +122,28 @@ class Checkpointer:
     return self.manager.reached_preemption(step)
 
   # ---- save / restore ------------------------------------------------------------------------
+  def finished_step(self) -> int | None:
+    """The newest checkpoint whose save is complete (an async save in progress is not)."""
+    if not self.manager.is_saving_in_progress():
+      self._finished = self.manager.latest_step()
+    return self._finished
+
   def save(self, step: int, state: PyTree, data_state: Any, meta: dict) -> bool:
     """Starts an (async) save of `state` at `step`.
 
     `data_state` is this process's iterator state; the states of all processes are gathered so
-    the (primary-written) JSON holds every process's position.
+    the (primary-written) JSON holds every process's position. A previous save still in
+    progress is waited for first (Orbax would too), with a warning: saving is then slower than
+    the checkpoint interval, and the gap a kill would lose must not grow.
     """
+    if self.manager.is_saving_in_progress():
+      logging.warning("checkpoint: the save of step %s is still being written at step %d; "
+                      "waiting for it (saving is slower than the checkpoint interval)",
+                      self.manager.latest_step(), step)
+      t0 = time.time()
+      self.manager.wait_until_finished()
+      self.wait_seconds += time.time() - t0
+    self._finished = self.manager.latest_step()
     data_states = gather_json(data_state)
     args = ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),

@@ -114,6 +114,17 @@ def _data_stats(data_iter) -> dict:
   return out
 
 
+def _checkpoint_stats(checkpointer, step) -> dict:
+  """How far the newest complete checkpoint lags behind, and the time saves waited for the
+  previous one since the last call."""
+  out = {"checkpoint/wait_seconds": checkpointer.wait_seconds}
+  checkpointer.wait_seconds = 0.0
+  finished = checkpointer.finished_step()
+  if finished is not None:
+    out["checkpoint/lag_steps"] = float(step - finished)
+  return out
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str):
   """Everything that can fail on the config or the data, before anything is compiled:
   (training source, tokenizer or None). Every problem of the config is reported at once
@@ -214,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if peak:
               m["mfu"] = m["tflops_per_device"] * 1e12 / peak
           m.update(_data_stats(data_iter))
+          m.update(_checkpoint_stats(checkpointer, step))
           writer.write(step, m)
           last_metrics = m
           t0, t0_step = time.time(), step
