@@ -379,18 +379,15 @@ stop_training() {
 }
 
 # The job state on worker 0: running | exited:STATUS | preempted | absent (set up, never
-# launched) | nocode (needs setup). The trainer exits with status 0 after saving on SIGTERM too,
-# so a clean exit whose log (since the last launch) has the trainer's preemption message counts
-# as `preempted`, not finished.
-readonly PREEMPTION_MESSAGE="preemption: saving at step"
+# launched) | nocode (needs setup). The trainer's exit status says how it ended: 0 completed,
+# 75 stopped on SIGTERM after saving (`preempted`: resume it), anything else failed.
+readonly EXIT_PREEMPTED=75
 
 job_state_script() {
   local remote
   remote="$(alive_and_cd) 2>/dev/null && [ -x .venv/bin/python ] || { echo nocode; exit 0; }"
   remote+='; if alive; then echo running;'
-  remote+=' elif [ "$(cat logs/train.exit 2>/dev/null)" = 0 ] && awk'
-  remote+=" '/^=== launch /{p=0} /${PREEMPTION_MESSAGE}/{p=1} END{exit !p}' logs/train.log;"
-  remote+=' then echo preempted;'
+  remote+=" elif [ \"\$(cat logs/train.exit 2>/dev/null)\" = ${EXIT_PREEMPTED} ]; then echo preempted;"
   remote+=' elif [ -f logs/train.exit ]; then echo "exited:$(cat logs/train.exit)"; else echo absent; fi'
   printf '%s' "${remote}"
 }

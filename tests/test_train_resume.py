@@ -79,7 +79,9 @@ def test_exact_resume_after_sigkill_and_sigterm(shapes_data_dir, tmp_path):
         assert procs[k].poll() is None, open(tmp_path / f"{k}.log").read()[-3000:]
       time.sleep(0.05)
     assert not pending, "interrupted runs never reached step 7"
-    assert _wait(procs["term"], 300, "SIGTERM run") == 0, open(tmp_path / "term.log").read()[-3000:]
+    # Stopped on SIGTERM after saving: exit status 75 (preempted), the message names the step.
+    assert _wait(procs["term"], 300, "SIGTERM run") == 75, open(tmp_path / "term.log").read()[-3000:]
+    assert "preempted: SIGTERM at step" in open(tmp_path / "term.log").read()
     _wait(procs["kill"], 60, "SIGKILL run")
     term_steps = sorted(int(s) for s in os.listdir(os.path.join(dirs["term"], "checkpoints"))
                         if s.isdigit())

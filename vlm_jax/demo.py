@@ -16,6 +16,7 @@ from absl import logging
 
 from vlm_jax import cli
 from vlm_jax import config_utils
+from vlm_jax import preemption
 
 # The demo's experiment file, in the repository next to the package.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -44,7 +45,13 @@ def main(argv):
   t1 = time.time()
   print(f"[demo] data ready ({t1 - t0:.0f}s); training {config.total_steps} steps of "
         f"{config.batch_size} into {_WORKDIR.value}", flush=True)
-  final = train.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    final = train.train_and_evaluate(config, _WORKDIR.value)
+  except preemption.Preempted as e:
+    print(f"[demo] stopped: {e}; run it again to resume", flush=True)
+    return preemption.EXIT_PREEMPTED
+  except (ValueError, FileNotFoundError, train.NonFiniteError) as e:
+    cli.fail(e)
   t2 = time.time()
   print(f"\n[demo] done: data {t1 - t0:.0f}s, train + eval {t2 - t1:.0f}s, total {t2 - t0:.0f}s")
   print("[demo] results on the shapes test split:")

@@ -22,8 +22,7 @@ from __future__ import annotations
 import base64
 import math
 import os
-import signal
-import threading
+import sys
 import time
 
 from absl import flags
@@ -36,6 +35,7 @@ from vlm_jax import cli
 from vlm_jax import config_utils
 from vlm_jax import evals as evals_lib
 from vlm_jax import metrics as metrics_lib
+from vlm_jax import preemption
 from vlm_jax import preflight
 from vlm_jax import runtime as runtime_lib
 from vlm_jax import tasks
@@ -46,25 +46,18 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive steps with NaN/Inf loss or gradients."""
 
 
-class _Preemption:
-  """SIGTERM -> save at the current step and exit. Single process: our own signal handler;
-  multi-process: Orbax / JAX's preemption sync point, so every process stops at the same step."""
+class _StopPoint:
+  """Whether to stop at this step boundary: on one process, a SIGTERM seen by this process
+  (`vlm_jax.preemption`); on several, JAX's preemption sync point, so that every process stops
+  at the same step."""
 
   def __init__(self, checkpointer: ckpt_lib.Checkpointer):
     self._ckpt = checkpointer
-    self._flag = threading.Event()
-    self._previous = None
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
       return self._ckpt.reached_preemption(step)
-    return self._flag.is_set()
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    return preemption.stop_requested()
 
 
 class _NonFiniteWatch:
@@ -151,9 +144,19 @@ def _evaluate(ctx, params, step) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from `workdir` if it has a checkpoint) and returns the last metrics."""
-  workdir = os.path.abspath(workdir)
+  """Trains (resuming from `workdir` if it has a checkpoint) and returns the last metrics.
+
+  Raises `preemption.Preempted` when a SIGTERM stops the run (during start-up: before anything
+  is saved; during training: after saving the current step; during an evaluation: after saving
+  the step if it is newer than the newest checkpoint).
+  """
+  with preemption.handling():
+    return _train_and_evaluate(config, os.path.abspath(workdir))
+
+
+def _train_and_evaluate(config, workdir):
   source, tokenizer = prepare(config, workdir)
+  preemption.check("during start-up (checking the config and the data); nothing to save")
   rt = runtime_lib.Runtime.create(config)
   config_json = config_utils.config_to_json(config)
   tok_bytes = tokenizers.to_bytes(tokenizer) if tokenizer is not None else None
@@ -167,45 +170,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_every_steps=config.checkpoint_every_steps,
       keep=config.keep_checkpoints, async_save=config.async_checkpointing)
-  latest = checkpointer.latest_step()
-  data_state = None
-  if latest is not None:
-    state, data_state, _ = checkpointer.restore(latest, rt.abstract_state)
-    logging.info("resumed from %s/checkpoints/%d", workdir, latest)
-  else:
-    state = rt.init_state()
-    if config.init_from:
-      state = rt.init_params_from(state)
-  data_iter = runtime_lib.make_train_data(rt, tokenizer, source, data_state)
-  eval_ctx = evals_lib.EvalContext.create(config, rt.task, rt.model, None, rt.mesh, tokenizer)
-
-  step_fn = rt.make_step()
-  start = int(jax.device_get(state.step))
-  total = int(config.total_steps)
-  writer = metrics_lib.MetricWriter(workdir, total_steps=total, initial_step=start,
-                                    progress_bar=config.progress_bar)
-  flops = rt.task.train_flops_per_example(config)
-  peak = metrics_lib.device_peak_flops()
-  preemption = _Preemption(checkpointer)
-  watch = _NonFiniteWatch(config.max_consecutive_nonfinite, writer, checkpointer)
-  last_metrics: dict = {}
-  t0, t0_step = time.time(), start
-  step = start
-
-  def save(step_now):
-    if jax.device_get(state.nonfinite_streak) >= config.max_consecutive_nonfinite:
-      return  # never checkpoint a run that is about to stop on NaNs
-    checkpointer.save(step_now, state, data_iter.get_state(), meta)
-
+  data_iter = writer = None
   try:
+    latest = checkpointer.latest_step()
+    data_state = None
+    if latest is not None:
+      state, data_state, _ = checkpointer.restore(latest, rt.abstract_state)
+      logging.info("resumed from %s/checkpoints/%d", workdir, latest)
+    else:
+      state = rt.init_state()
+      if config.init_from:
+        state = rt.init_params_from(state)
+    data_iter = runtime_lib.make_train_data(rt, tokenizer, source, data_state)
+    eval_ctx = evals_lib.EvalContext.create(config, rt.task, rt.model, None, rt.mesh, tokenizer)
+    step_fn = rt.make_step()
+    start = int(jax.device_get(state.step))
+    preemption.check(f"during start-up (building the state and the data); the newest "
+                     f"checkpoint is step {latest}, nothing new to save")
+    total = int(config.total_steps)
+    writer = metrics_lib.MetricWriter(workdir, total_steps=total, initial_step=start,
+                                      progress_bar=config.progress_bar)
+    flops = rt.task.train_flops_per_example(config)
+    peak = metrics_lib.device_peak_flops()
+    stop_point = _StopPoint(checkpointer)
+    watch = _NonFiniteWatch(config.max_consecutive_nonfinite, writer, checkpointer)
+    last_metrics: dict = {}
+    t0, t0_step = time.time(), start
+    step = start
+
+    def save(step_now, wait=True):
+      """Checkpoints `step_now` unless it is the newest already; `wait` for the write."""
+      if jax.device_get(state.nonfinite_streak) >= config.max_consecutive_nonfinite:
+        return  # never checkpoint a run that is about to stop on NaNs
+      if checkpointer.latest_step() != step_now:
+        checkpointer.save(step_now, state, data_iter.get_state(), meta)
+      if wait:
+        checkpointer.wait()
+
+    def evaluate_or_stop(step_now, what):
+      """Runs the evals; a SIGTERM during them saves the step (if newer) and stops the run."""
+      try:
+        return _evaluate(eval_ctx, state.params, step_now)
+      except preemption.Preempted:
+        save(step_now)
+        raise preemption.Preempted(f"SIGTERM during {what} at step {step_now}; stopped it, the "
+                                   f"newest checkpoint is step {checkpointer.latest_step()}")
+
     with rt.context():
       while step < total:
-        if preemption.reached(step):
+        if stop_point.reached(step):
           logging.warning("preemption: saving at step %d and exiting", step)
           watch.flush()
-          if checkpointer.latest_step() != step:
-            save(step)
-          break
+          save(step)
+          raise preemption.Preempted(f"SIGTERM at step {step}; saved checkpoint "
+                                     f"{checkpointer.latest_step()}")
         batch = next(data_iter)
         state, step_metrics = step_fn(state, batch)
         step += 1
@@ -230,26 +248,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           last_metrics = m
           t0, t0_step = time.time(), step
         if ckpt_now:
-          save(step)
+          save(step, wait=False)          # asynchronous: training goes on while it is written
         if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total:
-          ev = _evaluate(eval_ctx, state.params, step)
+          ev = evaluate_or_stop(step, "an evaluation")
           if ev:
             writer.write(step, ev)
             last_metrics.update(ev)
       watch.flush()
-      if step >= total:
-        if checkpointer.latest_step() != step:
-          save(step)
-        checkpointer.wait()
-        ev = _evaluate(eval_ctx, state.params, step)
-        if ev:
-          writer.write(step, ev)
-          last_metrics.update(ev)
+      save(step)
+      ev = evaluate_or_stop(step, "the final evaluation")
+      if ev:
+        writer.write(step, ev)
+        last_metrics.update(ev)
   finally:
-    preemption.restore()
-    data_iter.close()
+    if data_iter is not None:
+      data_iter.close()
     checkpointer.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   last_metrics["step"] = step
   return last_metrics
 
@@ -265,13 +281,20 @@ def define_flags():
 
 
 def main(argv):
+  preemption.install()                 # first thing: a SIGTERM from now on stops cleanly
   if len(argv) > 1:
     raise cli.app.UsageError(f"unexpected arguments: {argv[1:]}")
   workdir = flags.FLAGS.workdir
-  cli.start()
   try:
+    cli.start()
+    preemption.check("during start-up (before the config was read); nothing to save")
     config = cli.load_config(workdir)
     final = train_and_evaluate(config, workdir)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    print(f"preempted: {e} (exit status {preemption.EXIT_PREEMPTED}; rerun the same command to "
+          "resume)", file=sys.stderr, flush=True)
+    raise SystemExit(preemption.EXIT_PREEMPTED) from None
   except (NonFiniteError, ValueError, FileNotFoundError) as e:
     cli.fail(e)
   logging.info("final metrics: %s", final)

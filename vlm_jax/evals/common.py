@@ -26,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from vlm_jax import preemption
 from vlm_jax import sharding
 
 placeholder = ml_collections.config_dict.placeholder
@@ -157,6 +158,7 @@ class EvalContext:
     start_local = jax.process_index() * local
     outs = []
     for start in range(0, n, bs):
+      _stop_if_requested()
       chunk = {k: _pad_rows(v[start:start + bs], bs) for k, v in rows.items()}
       valid = min(bs, n - start)
       host = {k: v[start_local:start_local + local] for k, v in chunk.items()}
@@ -273,9 +275,17 @@ def iterate_batches(ctx: EvalContext, data_config, field_ops, batch_size: int, *
       process_index=jax.process_index(), process_count=jax.process_count(), source=source)
   try:
     for batch in it:
+      _stop_if_requested()
       yield sharding.make_global_batch(batch, ctx.mesh)
   finally:
     it.close()
+
+
+def _stop_if_requested():
+  """A SIGTERM stops an evaluation at its next batch (one process; several would have to agree
+  on the batch, so theirs run to the end, see `vlm_jax.preemption`)."""
+  if jax.process_count() == 1:
+    preemption.check("during an evaluation")
 
 
 def text_length(config) -> int:
