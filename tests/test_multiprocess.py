@@ -2,7 +2,9 @@
 resume together, and log the same losses as one process with 4 devices on the same global
 batches."""
 import os
+import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -72,3 +74,43 @@ def test_two_processes_train_checkpoint_resume_like_one(shapes_data_dir, tmp_pat
   for step, h in enumerate(history, start=1):
     for key in a[step]:
       np.testing.assert_allclose(a[step][key], h[key], rtol=2e-4, err_msg=f"step {step} {key}")
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_evaluation_batch(shapes_data_dir,
+                                                                          tmp_path):
+  """The preemption notice reaches every process: a SIGTERM to process 1 during the final
+  evaluation stops both (same batch, or the collectives would hang), exit status 75."""
+  workdir = str(tmp_path / "run")
+  port = free_port()
+  o = tiny_overrides(shapes_data_dir, total_steps=3, evals__run="caption",
+                     evals__caption__tokenizer="python", evals__batch_size=8,
+                     **dict(COMMON, checkpoint_every_steps=10, schedule__warmup_steps=1))
+  procs, paths = [], []
+  for pid in range(2):
+    env = subprocess_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                         JAX_PROCESS_ID=str(pid))
+    paths.append(tmp_path / f"p{pid}.log")
+    procs.append(subprocess.Popen(train_command("coca", workdir, o), cwd=REPO, env=env,
+                                  stdout=open(paths[-1], "w"), stderr=subprocess.STDOUT))
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      try:
+        if max(logged(workdir)) >= 3:
+          break
+      except (FileNotFoundError, ValueError):
+        pass
+      assert all(p.poll() is None for p in procs), paths[0].read_text()[-3000:]
+      time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)
+    for pid, p in enumerate(procs):
+      assert p.wait(timeout=300) == 75, paths[pid].read_text()[-4000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for path in paths:
+    assert "preempted: SIGTERM during the final evaluation at step 3" in path.read_text()
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "3"
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert not any("eval/" in line for line in f)

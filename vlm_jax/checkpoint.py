@@ -1,4 +1,4 @@
-"""Orbax checkpointing: async saves, keep-last-k, restore into any mesh, preemption.
+"""Orbax checkpointing: async saves, keep-last-k, restore into any mesh, how far saving lags.
 
 Layout of a workdir:
   DIR/checkpoints/<step>/state   the TrainState (params, opt state, step, RNG, counters)
@@ -116,10 +116,6 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
-
-  def reached_preemption(self, step: int) -> bool:
-    """Multi-host preemption sync point (all processes agree on the step); False if unsupported."""
-    return self.manager.reached_preemption(step)
 
   # ---- save / restore ------------------------------------------------------------------------
   def finished_step(self) -> int | None:

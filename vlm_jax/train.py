@@ -46,20 +46,6 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive steps with NaN/Inf loss or gradients."""
 
 
-class _StopPoint:
-  """Whether to stop at this step boundary: on one process, a SIGTERM seen by this process
-  (`vlm_jax.preemption`); on several, JAX's preemption sync point, so that every process stops
-  at the same step."""
-
-  def __init__(self, checkpointer: ckpt_lib.Checkpointer):
-    self._ckpt = checkpointer
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return self._ckpt.reached_preemption(step)
-    return preemption.stop_requested()
-
-
 class _NonFiniteWatch:
   """Checks every step for a skipped (non-finite) update without making a step wait: a step's
   counters are read one step late, once the next step is already queued on the devices. Each
@@ -192,7 +178,6 @@ def _train_and_evaluate(config, workdir):
                                       progress_bar=config.progress_bar)
     flops = rt.task.train_flops_per_example(config)
     peak = metrics_lib.device_peak_flops()
-    stop_point = _StopPoint(checkpointer)
     watch = _NonFiniteWatch(config.max_consecutive_nonfinite, writer, checkpointer)
     last_metrics: dict = {}
     t0, t0_step = time.time(), start
@@ -218,7 +203,7 @@ def _train_and_evaluate(config, workdir):
 
     with rt.context():
       while step < total:
-        if stop_point.reached(step):
+        if preemption.reached():
           logging.warning("preemption: saving at step %d and exiting", step)
           watch.flush()
           save(step)

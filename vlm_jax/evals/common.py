@@ -282,10 +282,10 @@ def iterate_batches(ctx: EvalContext, data_config, field_ops, batch_size: int, *
 
 
 def _stop_if_requested():
-  """A SIGTERM stops an evaluation at its next batch (one process; several would have to agree
-  on the batch, so theirs run to the end, see `vlm_jax.preemption`)."""
-  if jax.process_count() == 1:
-    preemption.check("during an evaluation")
+  """During a training run, a SIGTERM stops an evaluation at its next batch (every process at the
+  same batch, see `vlm_jax.preemption.reached`)."""
+  if preemption.reached():
+    raise preemption.Preempted("SIGTERM during an evaluation")
 
 
 def text_length(config) -> int:
