@@ -12,8 +12,8 @@ import pytest
 from data_fixtures import shapes_data_dir  # pylint: disable=unused-import
 import jax
 
-from train_utils import (REPO, free_port, logged, run_steps, subprocess_env, tiny_config,
-                         tiny_overrides, train_command)
+from train_utils import (REPO, free_port, logged, run_steps, stop_all, subprocess_env,
+                         tiny_config, tiny_overrides, train_command)
 from vlm_jax import tasks
 from vlm_jax.data import pipeline
 from vlm_jax.data import tokenizer as tok_lib
@@ -40,11 +40,7 @@ def _run_two_processes(workdir, data_dir, total_steps, tmp_path, tag):
       rc = p.wait(timeout=400)
       assert rc == 0, open(tmp_path / f"{tag}_{pid}.log").read()[-4000:]
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-    for log in logs:
-      log.close()
+    stop_all(procs, logs)
 
 
 def test_two_processes_train_checkpoint_resume_like_one(shapes_data_dir, tmp_path):
@@ -85,13 +81,14 @@ def test_sigterm_to_one_process_stops_both_at_the_same_evaluation_batch(shapes_d
   o = tiny_overrides(shapes_data_dir, total_steps=3, evals__run="caption",
                      evals__caption__tokenizer="python", evals__batch_size=8,
                      **dict(COMMON, checkpoint_every_steps=10, schedule__warmup_steps=1))
-  procs, paths = [], []
+  procs, paths, logs = [], [], []
   for pid in range(2):
     env = subprocess_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                          JAX_PROCESS_ID=str(pid))
     paths.append(tmp_path / f"p{pid}.log")
+    logs.append(open(paths[-1], "w"))
     procs.append(subprocess.Popen(train_command("coca", workdir, o), cwd=REPO, env=env,
-                                  stdout=open(paths[-1], "w"), stderr=subprocess.STDOUT))
+                                  stdout=logs[-1], stderr=subprocess.STDOUT))
   try:
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -106,9 +103,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_evaluation_batch(shapes_d
     for pid, p in enumerate(procs):
       assert p.wait(timeout=300) == 75, paths[pid].read_text()[-4000:]
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+    stop_all(procs, logs)
   for path in paths:
     assert "preempted: SIGTERM during the final evaluation at step 3" in path.read_text()
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "3"

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from data_fixtures import shapes_data_dir  # pylint: disable=unused-import
-from train_utils import REPO, logged, subprocess_env, tiny_overrides, train_command
+from train_utils import (REPO, logged, stop_all, subprocess_env, tiny_overrides,
+                         train_command)
 from vlm_jax import preemption
 
 pytestmark = pytest.mark.slow
@@ -63,11 +64,7 @@ def test_sigterm_in_every_phase_stops_cleanly(shapes_data_dir, tmp_path):
     for k, p in procs.items():
       assert p.wait(timeout=300) == preemption.EXIT_PREEMPTED, paths[k].read_text()[-3000:]
   finally:
-    for p in procs.values():
-      if p.poll() is None:
-        p.kill()
-    for f in logs.values():
-      f.close()
+    stop_all(procs.values(), logs.values())
 
   def checkpoints(k):
     folder = os.path.join(dirs[k], "checkpoints")

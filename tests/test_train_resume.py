@@ -12,8 +12,8 @@ import jax
 import pytest
 
 from data_fixtures import shapes_data_dir  # pylint: disable=unused-import
-from train_utils import (REPO, logged, subprocess_env, tiny_config, tiny_overrides,
-                         train_command, tree_equal)
+from train_utils import (REPO, logged, stop_all, subprocess_env, tiny_config,
+                         tiny_overrides, train_command, tree_equal)
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import runtime
 
@@ -97,11 +97,7 @@ def test_exact_resume_after_sigkill_and_sigterm(shapes_data_dir, tmp_path):
     for k in dirs:
       assert _wait(procs[k], 400, k) == 0, open(tmp_path / f"{k}.log").read()[-3000:]
   finally:
-    for p in procs.values():
-      if p.poll() is None:
-        p.kill()
-    for f in logs.values():
-      f.close()
+    stop_all(procs.values(), logs.values())
 
   ref_log = logged(dirs["ref"])
   assert sorted(ref_log) == list(range(1, N + 1))

@@ -58,6 +58,15 @@ def subprocess_env(num_devices=8, **extra):
   return env
 
 
+def stop_all(procs, files=()):
+  """Kills the subprocesses still running and closes their log files (a test's cleanup)."""
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+  for f in files:
+    f.close()
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
