@@ -143,7 +143,6 @@ def run(config, *, steps: int, warmup: int, input_mode: str = "device",
         seed: int = 0, config_name: str = "") -> dict:
   """Benchmarks the train step of `config`; returns the JSON record (not printed)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vlm_jax import metrics  # pylint: disable=g-import-not-at-top
   if steps < 1 or warmup < 1:
     raise ValueError(f"--steps={steps} and --warmup={warmup} must both be >= 1 (the first "
                      "warm-up step compiles)")

@@ -21,7 +21,6 @@ from vlm_jax import evals
 from vlm_jax import runtime
 from vlm_jax import sharding
 from vlm_jax import tasks
-from vlm_jax.evals import captioning
 from vlm_jax.evals import templates
 from vlm_jax.evals import zeroshot
 from vlm_jax.models import init_cache

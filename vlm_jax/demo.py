@@ -8,7 +8,6 @@ re-evaluates). Zero-shot classification, retrieval and captioning are measured o
 test split by the trainer's final evaluation.
 """
 import os
-import sys
 import time
 
 from absl import flags

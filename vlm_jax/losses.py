@@ -39,8 +39,6 @@ sigmoid ring / softmax ring. All give the same loss and gradients as the plain v
 on an 8-device mesh). The models return float32 embeddings; the logits are computed in float32
 whatever the input dtype.
 """
-from typing import Any, Mapping
-
 import chex
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,7 @@ Exit statuses of `python -m vlm_jax.train` (launchers read these, not log lines)
                        command to resume). 75 is EX_TEMPFAIL: try again later.
 
 `install()` runs first thing in the trainer's main. A SIGTERM then only sets a flag that the run
-looks at where it can stop cleanly (`stop_requested`, `check`): during start-up it stops before
+looks at where it can stop cleanly (`reached`, `check`): during start-up it stops before
 the loop (nothing new to save), during training the loop saves at the current step, during an
 evaluation the evaluation stops at its next batch and the step is saved if it is newer than the
 newest checkpoint.
@@ -76,16 +76,7 @@ def reached() -> bool:
   return multihost_utils.reached_preemption_sync_point(_sync_points[0])
 
 
-def stop_requested() -> bool:
-  return _requested.is_set()
-
-
 def check(where: str) -> None:
   """Raises Preempted (naming `where`) when a SIGTERM has arrived."""
   if _requested.is_set():
     raise Preempted(f"SIGTERM {where}")
-
-
-def reset() -> None:
-  """Forgets a past request (tests run several phases in one process)."""
-  _requested.clear()

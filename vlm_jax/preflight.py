@@ -215,18 +215,18 @@ def eval_problems(config, task_name: str) -> list:
 # ---- round 2: the data --------------------------------------------------------------------------
 
 
-def data_problems(config) -> list:
-  """The training source and every evaluation's source: open, with the fields they need."""
+def open_train_source(config):
+  """(the training source, or None, and its problems): opened, with the fields the task needs.
+  The trainer keeps the source it checked."""
   from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   task = tasks_lib.get(config.task)
-  problems = []
   try:
     source = sources.make_source(config.data, "train")
     # The field ops' requirements do not depend on the tokenizer, which may not exist yet.
     sources.check_fields(source, task.train_ops(config, None), f"task {task.name!r}")
   except (FileNotFoundError, ValueError) as e:
-    problems.append(str(e))
-  return problems + eval_data_problems(config)
+    return None, [str(e)]
+  return source, []
 
 
 def eval_data_problems(config) -> list:

@@ -109,12 +109,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
   (training source, tokenizer or None). Every problem of the config is reported at once
   (`vlm_jax.preflight`); then the data is prepared and checked. Completes the config from the
   data (the task's `finalize`, e.g. a classifier's number of classes)."""
-  from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   preflight.raise_problems(preflight.config_problems(config))
   runtime_lib.prepare_data(config)
-  preflight.raise_problems(preflight.data_problems(config))
+  source, problems = preflight.open_train_source(config)
+  preflight.raise_problems(problems + preflight.eval_data_problems(config))
   task = tasks.get(config.task)
-  source = sources.make_source(config.data, "train")
   task.finalize(config, source.class_names())
   return source, runtime_lib.load_tokenizer(config, workdir, source)
 

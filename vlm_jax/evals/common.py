@@ -141,12 +141,6 @@ class EvalContext:
       out = self.jit(key, fn)(self.params, *args)
     return jax.tree.map(np.asarray, out)
 
-  def predict(self, name: str, batch, **static):
-    """The task's predict function `name` on a global batch (jitted once per static args)."""
-    fn = self.predict_fn(name)
-    key = ("predict", name, tuple(sorted(static.items())))
-    return self.call(key, functools.partial(fn, **static) if static else fn, batch)
-
   # ---- arrays known to every process -------------------------------------------------------------
   def run_rows(self, key, fn: Callable, rows: Dict[str, np.ndarray], batch_size: int):
     """Applies `fn(params, batch)` to `rows` (dict of arrays with N rows, identical on every
