@@ -34,7 +34,7 @@ def _problems(config, workdir):
 def test_every_config_mistake_at_once(tmp_path, nothing_built):
   config = config_utils.load_config(f"{REPO}/configs/shapes_coca.py:tiny", {
       "loss.contrastive": "softmx", "data.train_crop": "zoom", "data.eval_crop": "squash",
-      "schedule.kind": "linear", "schedule.warmup_steps": 60, "freeze": "([",
+      "schedule.kind": "linear", "schedule.warmup_fraction": 1.5, "freeze": "([",
       "data.source": "jsonl", "data.train_jsonl": str(tmp_path / "missing.jsonl"),
       "mesh.fsdp": 3, "tokenizer.kind": "wordpiece", "model.image.num_heads": 5,
       "log_every_steps": 0, "data.image_size": 48,
@@ -46,7 +46,7 @@ def test_every_config_mistake_at_once(tmp_path, nothing_built):
       "model.image.num_heads: width 64 is not divisible by num_heads 5",
       "mesh: data=-1, fsdp=3, tensor=1 needs a device count divisible by 3",
       "schedule.kind: unknown schedule 'linear'",
-      "schedule.warmup_steps: 60 exceeds total_steps=50",
+      "schedule.warmup_fraction: 1.5 must be in [0, 1)",
       "log_every_steps: 0 must be >= 1",
       "freeze: '([' is not a valid regex",
       "init_from: ", "data.train_crop: unknown crop 'zoom'", "data.eval_crop: unknown crop 'squash'",
@@ -77,8 +77,7 @@ def test_evaluations_the_task_or_the_data_cannot_serve(shapes_data_dir, tmp_path
       "data.eval_jsonl": str(tmp_path / "c.jsonl"), "evals.run": "zeroshot,retrieval"})
   problems = _problems(config, tmp_path / "b")
   assert len(problems) == 1
-  assert problems[0].startswith("evals.zeroshot: data: evals.zeroshot (zeroshot on 'jsonl') "
-                                "needs 'label'")
+  assert problems[0].startswith("evals.zeroshot: data: zeroshot on 'jsonl' needs 'label'")
 
 
 def test_the_command_line_prints_one_error_and_no_traceback(tmp_path):

@@ -192,6 +192,24 @@ def test_schedules(kind):
     optim.make_schedule(cfg)
 
 
+def test_schedule_follows_total_steps_alone():
+  # The demo recipe warms up for 100 steps; --config.total_steps=20 alone used to be refused.
+  cfg = config_utils.load_config(os.path.join(REPO, "configs/shapes_clip.py"),
+                                 {"total_steps": 20, "optim.lr": 1.0})
+  assert cfg.schedule.warmup_steps > 20
+  warmup, warning = optim.warmup_steps(cfg)
+  assert warmup == 2 and "longer than total_steps=20" in warning
+  s = optim.make_schedule(cfg)
+  np.testing.assert_allclose([float(s(1)), float(s(2))], [0.5, 1.0], rtol=1e-6)
+  assert float(s(20)) < 1e-6                      # the cosine still decays within the run
+  # A fraction of the run wins over warmup_steps and scales with total_steps.
+  cfg.schedule.warmup_fraction = 0.25
+  assert optim.warmup_steps(cfg) == (5, None)
+  cfg.total_steps = 400
+  assert optim.warmup_steps(cfg) == (100, None)
+  np.testing.assert_allclose(float(optim.make_schedule(cfg)(50)), 0.5, rtol=1e-6)
+
+
 # ---- training steps -----------------------------------------------------------------------------
 
 

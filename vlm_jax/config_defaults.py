@@ -10,7 +10,7 @@ differs from these defaults. `vlm_jax.config_utils.complete` puts the two togeth
     data       input pipeline (`data_config` below)
     tokenizer  text tokenizer (`tokenizer_config`)
     mesh, sharding_rules   device mesh and logical axis rules (`vlm_jax.sharding`)
-    evals      evaluations (`vlm_jax.evals`); `evals.run` defaults to the task's
+    evals      evaluations (`vlm_jax.evals`); `evals.run='auto'`: the task's evals the data supports
     ...        trainer fields at the top level (`train_config`): seed, total_steps, batch_size,
                optim, schedule, checkpoints, logging
 
@@ -46,7 +46,8 @@ def train_config() -> ml_collections.ConfigDict:
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.kind = "cosine"       # 'cosine' | 'rsqrt' | 'constant' (all after linear warmup)
-  c.schedule.warmup_steps = 100
+  c.schedule.warmup_steps = 100    # longer than total_steps: clamped to a tenth of the run
+  c.schedule.warmup_fraction = placeholder(float)  # of total_steps; wins over warmup_steps
   c.schedule.end_lr_factor = 0.0   # cosine: final lr = lr * end_lr_factor
   c.schedule.timescale = placeholder(int)   # rsqrt: lr * sqrt(timescale / step); default warmup
   c.schedule.cooldown_steps = 0    # rsqrt: linear decay to 0 over the last steps
@@ -150,5 +151,5 @@ def base_config(task, tower_names=None) -> ml_collections.ConfigDict:
   c.mesh = mesh_config()
   c.sharding_rules = [tuple(rule) for rule in sharding.DEFAULT_RULES]
   c.update(train_config())
-  c.evals = evals.evals_config(run=task.default_evals)
+  c.evals = evals.evals_config()
   return c

@@ -60,12 +60,35 @@ def decay_mask(params: PyTree, no_decay: str | None = "") -> PyTree:
 SCHEDULES = ("cosine", "rsqrt", "constant")
 
 
+# A warm-up asked for longer than the run is cut to this fraction of it.
+CLAMPED_WARMUP_FRACTION = 0.1
+
+
+def warmup_steps(config: ml_collections.ConfigDict) -> tuple[int, str | None]:
+  """(warm-up steps, a warning or None) of `config.schedule` for `config.total_steps`.
+
+  `schedule.warmup_fraction`, when set, is a fraction of total_steps and wins over
+  `schedule.warmup_steps`, so the schedule follows `--config.total_steps=N` alone. A warm-up in
+  steps that is longer than the run is clamped to a tenth of it (with the warning): a short
+  trial run of a long recipe still reaches its peak learning rate and decays.
+  """
+  s, total = config.schedule, int(config.total_steps)
+  fraction = s.get("warmup_fraction")
+  if fraction is not None:
+    return int(round(float(fraction) * total)), None
+  warmup = int(s.warmup_steps)
+  if warmup <= total:
+    return warmup, None
+  clamped = int(total * CLAMPED_WARMUP_FRACTION)
+  return clamped, (f"schedule.warmup_steps={warmup} is longer than total_steps={total}; using "
+                   f"{clamped} warm-up steps (a tenth of the run). Set schedule.warmup_steps or "
+                   "schedule.warmup_fraction to choose")
+
+
 def make_schedule(config: ml_collections.ConfigDict) -> Callable[[jnp.ndarray], jnp.ndarray]:
   """Learning-rate schedule from `config.optim.lr`, `config.schedule`, `config.total_steps`."""
   s, lr, total = config.schedule, config.optim.lr, config.total_steps
-  warmup = int(s.warmup_steps)
-  if warmup > total:
-    raise ValueError(f"schedule.warmup_steps={warmup} exceeds total_steps={total}")
+  warmup, _ = warmup_steps(config)
   if s.kind == "cosine":
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(total, warmup + 1),

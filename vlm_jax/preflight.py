@@ -20,6 +20,7 @@ import glob
 import re
 from typing import Optional
 
+from absl import logging
 import jax
 from etils import epath
 
@@ -97,9 +98,15 @@ def trainer_problems(config, num_devices=None) -> list:
   if config.schedule.kind not in optim.SCHEDULES:
     problems.append(f"schedule.kind: unknown schedule {config.schedule.kind!r}; expected one of "
                     f"{', '.join(optim.SCHEDULES)}")
-  if config.schedule.warmup_steps > config.total_steps:
-    problems.append(f"schedule.warmup_steps: {config.schedule.warmup_steps} exceeds "
-                    f"total_steps={config.total_steps}")
+  if config.schedule.warmup_steps < 0:
+    problems.append(f"schedule.warmup_steps: {config.schedule.warmup_steps} must be >= 0")
+  fraction = config.schedule.get("warmup_fraction")
+  if fraction is not None and not 0 <= fraction < 1:
+    problems.append(f"schedule.warmup_fraction: {fraction} must be in [0, 1)")
+  elif config.total_steps >= 1 and config.schedule.warmup_steps >= 0:
+    warning = optim.warmup_steps(config)[1]
+    if warning:
+      logging.warning("%s", warning)
   for field in ("log_every_steps", "max_consecutive_nonfinite"):
     if config[field] < 1:
       problems.append(f"{field}: {config[field]} must be >= 1")
@@ -230,17 +237,30 @@ def open_train_source(config):
 
 
 def eval_data_problems(config) -> list:
+  """Every evaluation's data opened and checked. With `evals.run='auto'`, an evaluation whose
+  data lacks what it reads (`DataLacks`: a field, class names) is dropped with one warning and
+  `config.evals.run` is set to the evaluations that remain; a named one is a problem."""
   from vlm_jax import evals  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   from vlm_jax.evals import common  # pylint: disable=g-import-not-at-top
-  problems = []
+  problems, kept, skipped = [], [], []
   for name, entry in evals.entries(config, []):
     module = evals.EVALUATORS[entry.kind]
     tag = common.dataset_tag(config, entry)
     try:
       for data, field_ops in module.splits(config, entry):
-        common.eval_source(data, field_ops, f"evals.{name} ({entry.kind} on {tag!r})")
+        common.eval_source(data, field_ops, f"{entry.kind} on {tag!r}")
       if hasattr(module, "check_data"):
-        problems += [f"evals.{name}: {p}" for p in module.check_data(config, entry, tag)]
+        module.check_data(config, entry, tag)
+      kept.append(name)
+    except sources.DataLacks as e:
+      message = str(e).replace("evals.<name>.", f"evals.{name}.")
+      (skipped if evals.is_auto(config) else problems).append(f"evals.{name}: {message}")
     except (FileNotFoundError, ValueError) as e:
       problems.append(f"evals.{name}: {e}")
+  if skipped:
+    config.evals.run = ",".join(kept)
+    logging.warning(
+        "evals.run='auto' skips what the data cannot score (name an evaluation in evals.run to "
+        "make this an error): %s; running: %s", "; ".join(skipped), config.evals.run or "none")
   return problems

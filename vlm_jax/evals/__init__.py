@@ -12,7 +12,10 @@ predict functions (`ctx.predict_fn(name)`, see `vlm_jax.evals.common.EvalContext
   linear_probe    image_features                 linear_probe/<ds>/{top1, l2}
 
 `config.evals` holds named entries (`evals_config`); `evals.run` picks which run
-(comma-separated). The trainer runs them every `eval_every_steps` and at the end;
+(comma-separated), or is 'auto' (the default): the task's own evaluations (`Task.default_evals`)
+that the data supports. Before training, an 'auto' evaluation whose data lacks what it reads
+(class names for zero-shot, captions for retrieval) is skipped with a warning and `evals.run`
+becomes the list that runs; an evaluation named in `evals.run` fails instead. The trainer runs them every `eval_every_steps` and at the end;
 `python -m vlm_jax.evaluate` runs them on a checkpoint. A new evaluator is a module here plus one
 line in `EVALUATORS`.
 """
@@ -45,8 +48,11 @@ def entry_config(kind: str) -> ml_collections.ConfigDict:
   return EVALUATORS[kind].default_config()
 
 
-def evals_config(run: str = "", batch_size: int = 64) -> ml_collections.ConfigDict:
-  """`config.evals`: the entries below, `run` = which of them run (comma-separated).
+AUTO = "auto"
+
+
+def evals_config(run: str = AUTO, batch_size: int = 64) -> ml_collections.ConfigDict:
+  """`config.evals`: the entries below, `run` = which of them run (comma-separated, or 'auto').
 
   Each entry evaluates the eval split of `config.data` unless its dataset fields point
   elsewhere. Off unless named in `run` (datasets prepared locally): zeroshot_cifar10,
@@ -66,13 +72,26 @@ def evals_config(run: str = "", batch_size: int = 64) -> ml_collections.ConfigDi
   return c
 
 
+def is_auto(config) -> bool:
+  return str(config.evals.run or "").strip() == AUTO
+
+
+def selected(config) -> list:
+  """The names in `evals.run`; 'auto' stands for the task's own evaluations."""
+  run = str(config.evals.run or "")
+  if is_auto(config):
+    from vlm_jax import tasks  # pylint: disable=g-import-not-at-top  (tasks import evals)
+    run = tasks.get(config.task).default_evals
+  return [n.strip() for n in run.split(",") if n.strip()]
+
+
 def entries(config, problems=None):
   """[(entry name, entry config)] of `config.evals.run`. An unknown name or kind raises a
   ValueError naming it, or, when a `problems` list is given, is added to it and left out."""
   evals = config.get("evals")
   if evals is None:
     return []
-  names = [n.strip() for n in str(evals.run or "").split(",") if n.strip()]
+  names = selected(config)
   known = sorted(k for k, v in evals.items() if hasattr(v, "get") and "kind" in v)
   out, found = [], []
   for name in names:

@@ -9,6 +9,8 @@ follows the sorted-synset order that TFDS `imagenet2012` uses.
 """
 import types
 
+from vlm_jax.data.sources.common import DataLacks
+
 # The 80 CLIP ImageNet templates, in the order OpenAI published them.
 CLIP_IMAGENET_TEMPLATES = (
     "a bad photo of a {}.",
@@ -362,7 +364,7 @@ def classnames_for(dataset_name, label_names=None):
           f"list has {len(known)}")
     return tuple(known)
   if label_names is None:
-    raise ValueError(
+    raise DataLacks(
         f"classnames: dataset {dataset_name!r} has no built-in class names and none were given; "
         "set evals.<name>.classnames or use a dataset with a ClassLabel feature")
   return tuple(str(n).replace("_", " ") for n in label_names)

@@ -27,14 +27,11 @@ def splits(config, entry, tokenizer=None):
   return [(common.eval_data_config(config, entry), [ops.Label()])]
 
 
-def check_data(config, entry, tag) -> list:
-  """Problems only the data can show: zero-shot needs class names."""
+def check_data(config, entry, tag) -> None:
+  """Raises when only the data can show a problem: zero-shot needs class names (`DataLacks`
+  when the data has none)."""
   (data, field_ops), = splits(config, entry)
-  try:
-    class_list(data, tag, common.eval_source(data, field_ops))
-  except ValueError as e:
-    return [f"{e} (zero-shot on {tag!r}: set evals.<name>.classnames, comma-separated)"]
-  return []
+  class_list(data, tag, common.eval_source(data, field_ops))
 
 
 def default_config(**fields):

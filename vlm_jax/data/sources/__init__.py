@@ -26,7 +26,7 @@ Two kinds of sources, because the storage formats allow different things:
   made exactly resumable. The TFRecord path resumes by re-reading and discarding `offset`
   examples (exact, but O(offset)).
 """
-from vlm_jax.data.sources.common import CAPTIONS, LABEL, even_share
+from vlm_jax.data.sources.common import CAPTIONS, LABEL, DataLacks, even_share
 from vlm_jax.data.sources.imagefolder import ImageFolderSource
 from vlm_jax.data.sources.jsonl import JsonlSource
 from vlm_jax.data.sources.tfds import FieldMap, TfdsSource
@@ -72,10 +72,10 @@ def check_fields(source, field_ops, who: str):
              if field not in source.provides]
   if missing:
     parts = [f"{field!r} (for batch field {', '.join(op.provides)})" for field, op in missing]
-    raise ValueError(f"data: {who} needs {'; '.join(parts)}, which {source.describe()} does not "
+    raise DataLacks(f"data: {who} needs {'; '.join(parts)}, which {source.describe()} does not "
                      f"provide (it provides: image{''.join(', ' + f for f in sorted(source.provides))})")
 
 
-__all__ = ["make_source", "check_fields", "KINDS", "CAPTIONS", "LABEL", "even_share", "FieldMap",
+__all__ = ["make_source", "check_fields", "KINDS", "CAPTIONS", "LABEL", "DataLacks", "even_share", "FieldMap",
            "TfdsSource", "JsonlSource", "WdsSource", "ImageFolderSource", "expand_braces",
            "index_shard", "list_shards", "read_tar_sample"]

@@ -4,6 +4,11 @@
 CAPTIONS, LABEL = "captions", "label"
 
 
+class DataLacks(ValueError):
+  """The data lacks what a consumer reads (a raw field, class names): not a broken file, but a
+  dataset of another kind. Evaluations chosen automatically are skipped on it, not failed."""
+
+
 def error(reason, key):
   """A raw example that stands for a record that could not be read."""
   return {"image": None, "captions": [], "label": -1, "key": key, "error": reason}
