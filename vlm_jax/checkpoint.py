@@ -12,6 +12,7 @@ removed at the next start (`cleanup_tmp_directories`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -85,6 +86,19 @@ def abstract_with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+@contextlib.contextmanager
+def _without_log_line(prefix: str):
+  """Drops the absl log lines starting with `prefix` (a library's routine notice) meanwhile."""
+  def keep(record):
+    return not str(record.msg).startswith(prefix)
+  logger = logging.get_absl_logger()
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with the three items above."""
 
@@ -93,8 +107,9 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         # Saves are requested explicitly by the loop (periodic, final, preemption): `force`.
-        save_interval_steps=max(int(save_every_steps), 1),
-        max_to_keep=keep,
+        # Read-only: the values Orbax would otherwise set itself, with a warning each.
+        save_interval_steps=0 if read_only else max(int(save_every_steps), 1),
+        max_to_keep=None if read_only else keep,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=not read_only,
         create=not read_only,
@@ -104,11 +119,12 @@ class Checkpointer:
     # one to finish (saving slower than the checkpoint interval).
     self._finished = None
     self.wait_seconds = 0.0
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+    with _without_log_line("Given directory is read only"):   # what read_only means
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                         "data": ocp.JsonCheckpointHandler(),
+                         "meta": ocp.JsonCheckpointHandler()})
 
   # ---- queries -------------------------------------------------------------------------------
   def latest_step(self) -> int | None:

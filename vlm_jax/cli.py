@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 
 from vlm_jax import config_utils
+from vlm_jax import console
 
 _ARGS = {"spec": None, "overrides": []}
 
@@ -54,11 +55,16 @@ def _parse(argv):
 
 
 def run(main: Callable) -> None:
-  """`absl.app.run(main)` with the config arguments split off first (see the module doc), and
-  `--verbose` (tracebacks of errors)."""
+  """`absl.app.run(main)` with the config arguments split off first (see the module doc), quiet
+  library logs (`vlm_jax.console`) and `--verbose` (library INFO logs, tracebacks of errors)."""
   if "verbose" not in flags.FLAGS:
-    flags.DEFINE_bool("verbose", False, "On an error, print its traceback too.")
-  app.run(main, flags_parser=_parse)
+    flags.DEFINE_bool("verbose", False, "Show the libraries' INFO logs, and on an error the "
+                      "traceback too.")
+
+  def quiet_main(argv):
+    console.quiet_logs(verbose=flags.FLAGS.verbose)
+    return main(argv)
+  app.run(quiet_main, flags_parser=_parse)
 
 
 def config_spec() -> Optional[str]:
@@ -71,18 +77,20 @@ def config_overrides() -> list:
   return list(_ARGS["overrides"])
 
 
-def load_config(workdir: Optional[str] = None):
-  """The command's config: `--config` with its overrides, else the config saved in `workdir`
-  (config.json) with the overrides; fails when there is neither."""
+def load_config(workdir: Optional[str] = None, saved=None):
+  """The command's config: `--config` with its overrides, else the run's saved config (`saved`,
+  or `workdir`/config.json) with the overrides; fails when there is neither."""
   spec, overrides = _ARGS["spec"], _ARGS["overrides"]
   if spec:
     return config_utils.load_config(spec, overrides)
-  saved = os.path.join(workdir, "config.json") if workdir else None
-  if saved and os.path.isfile(saved):
-    with open(saved) as f:
-      config = config_utils.config_from_json(f.read(), source=saved)
+  if saved is not None:
+    return config_utils.apply_overrides(saved, overrides)
+  path = os.path.join(workdir, "config.json") if workdir else None
+  if path and os.path.isfile(path):
+    with open(path) as f:
+      config = config_utils.config_from_json(f.read(), source=path)
     return config_utils.apply_overrides(config, overrides)
-  where = f" and {saved} does not exist" if saved else ""
+  where = f" and {path} does not exist" if path else ""
   raise ValueError(f"--config: no config file given{where}; pass "
                    "--config=configs/<experiment>.py")
 
@@ -110,7 +118,6 @@ def fail(error: BaseException) -> None:
   `--verbose` the traceback is printed first."""
   if flags.FLAGS.is_parsed() and "verbose" in flags.FLAGS and flags.FLAGS.verbose:
     print("".join(traceback.format_exception(error)), file=sys.stderr, flush=True)
-  logging.error("%s", error)
   raise SystemExit(f"error: {error}")
 
 

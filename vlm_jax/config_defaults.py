@@ -71,7 +71,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.source = "tfds"              # 'tfds' | 'wds' (tar shards) | 'jsonl' | 'imagefolder'
   # TFDS: dataset name (with config/version), data_dir, splits, reader.
   c.name = "shapes/tiny"         # e.g. 'shapes/demo', 'coco_captions', 'cifar10'
-  c.data_dir = placeholder(str)  # None: the TFDS default (the embedded shapes data: its cache)
+  c.data_dir = placeholder(str)  # None: shapes in the vlm_jax cache ($VLM_JAX_CACHE), others in TFDS's default
   c.train_split = "train"
   c.eval_split = "validation"
   c.tfds_reader = "auto"         # 'auto' | 'data_source' (array_record) | 'as_dataset' (tfrecord)
@@ -117,7 +117,7 @@ def data_config() -> ml_collections.ConfigDict:
 def tokenizer_config() -> ml_collections.ConfigDict:
   """Tokenizer (vlm_jax.data.tokenizers). context_length must match the model's text."""
   c = ml_collections.ConfigDict()
-  c.kind = "sentencepiece"       # 'sentencepiece' | 'bpe' (OpenAI CLIP's merges file)
+  c.kind = "sentencepiece"       # 'sentencepiece' | 'bpe' (OpenAI CLIP's merges file) | 'hf' (tokenizer.json, vocab.json + merges.txt, vocab.txt)
   c.model_path = placeholder(str)  # None: a SentencePiece model trained on the training captions
   c.vocab_size = 1024            # size of a tokenizer trained here
   c.context_length = 32

@@ -2,8 +2,8 @@ r"""The CPU demo: prepare the embedded shapes data, train a tiny CoCa, evaluate,
 
   python -m vlm_jax.demo --workdir runs/shapes_coca [--config.total_steps=...]
 
-The dataset is generated once into a cache directory (VLM_JAX_CACHE, default ~/.cache/vlm_jax)
-and reused; training resumes if the workdir already holds a checkpoint (a finished run only
+The dataset is generated once into the vlm_jax cache (`vlm_jax.data.cache`: $VLM_JAX_CACHE,
+default ~/.cache/vlm_jax), where `evaluate`, the launch scripts and the notebooks find it too; training resumes if the workdir already holds a checkpoint (a finished run only
 re-evaluates). Zero-shot classification, retrieval and captioning are measured on the shapes
 test split by the trainer's final evaluation.
 """
@@ -25,21 +25,16 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/shapes_coca", "Run directory.")
 TARGETS = {"zeroshot/shapes/top1": 0.90, "caption/shapes/cider": 1.0}
 
 
-def cache_dir() -> str:
-  return os.path.expanduser(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax"))
-
-
 def main(argv):
   del argv
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   spec = cli.config_spec() or DEFAULT_CONFIG
   config = config_utils.load_config(spec, cli.config_overrides())
-  if config.data.data_dir is None:
-    config.data.data_dir = os.path.join(cache_dir(), "tensorflow_datasets")
+  from vlm_jax.data import cache  # pylint: disable=g-import-not-at-top
   from vlm_jax import runtime  # pylint: disable=g-import-not-at-top
   from vlm_jax import train  # pylint: disable=g-import-not-at-top
   t0 = time.time()
-  print(f"[demo] preparing {config.data.name} in {config.data.data_dir} ...", flush=True)
+  where = cache.tfds_data_dir(config.data.name, config.data.data_dir)
+  print(f"[demo] preparing {config.data.name} in {where} ...", flush=True)
   runtime.prepare_data(config)
   t1 = time.time()
   print(f"[demo] data ready ({t1 - t0:.0f}s); training {config.total_steps} steps of "

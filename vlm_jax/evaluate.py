@@ -9,6 +9,7 @@ not fit), writes DIR/eval/metrics_<step>.json (and the generated captions to
 DIR/eval/captions_<step>.json), and prints the metrics as one JSON object on the last line of
 standard output. Without --config the config saved in DIR (config.json) is used, with any
 --config.<field>=<value> overrides applied to it.
+Every config field, with its value and help: python -m vlm_jax.config show configs/x.py[:arg]
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def evaluate(config, workdir: str, step: int | None = None, *, mesh=None,
   loc = inference.locate(workdir, step)
   if config is None:
     config = inference.load_config(loc)
+  from vlm_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.prepare_data(config)         # the embedded data, if the cache lacks it
   preflight.check_evals(config)        # every problem of the evals, before any restore
   if not evals_lib.entries(config):
     raise ValueError("evals.run: no evaluation selected (config.evals.run is empty)")
@@ -107,7 +110,7 @@ def main(argv):
   workdir = _FLAGS["workdir"].value
   try:
     loc = inference.locate(workdir, _FLAGS["step"].value)
-    config = cli.load_config(loc.workdir) if (cli.config_spec() or loc.workdir) else None
+    config = cli.load_config(saved=None if cli.config_spec() else inference.load_config(loc))
     metrics, step = evaluate(config, workdir, loc.step)
   except (FileNotFoundError, ValueError) as e:
     cli.fail(e)

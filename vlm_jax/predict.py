@@ -7,6 +7,8 @@ For each image prints its caption (models that generate: CoCa, captioners) and, 
 the zero-shot probability of each label (softmax over the labels; a model trained with the
 sigmoid loss: independent sigmoids). A classifier prints its top classes. Images are preprocessed
 exactly as in evaluation (config.data: resize, centre crop, normalise).
+Without --config the saved config is used, with any --config.<field>=<value> overrides.
+Every config field, with its value and help: python -m vlm_jax.config show configs/x.py[:arg]
 """
 from __future__ import annotations
 
@@ -72,7 +74,9 @@ def main(argv):
   f = {k: v.value for k, v in _FLAGS.items()}
   labels = [l.strip() for l in (f["labels"] or "").split(",") if l.strip()]
   try:
-    model = inference.load(f["workdir"], f["step"])
+    loc = inference.locate(f["workdir"], f["step"])
+    config = cli.load_config(saved=None if cli.config_spec() else inference.load_config(loc))
+    model = inference.load(f["workdir"], loc.step, config=config)
     if not labels and not model.can_generate and not model.has_classifier:
       raise ValueError(f"task {model.task.name!r} cannot caption or classify on its own; pass "
                        "--labels for zero-shot classification")

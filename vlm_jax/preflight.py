@@ -60,6 +60,15 @@ def config_problems(config, num_devices: Optional[int] = None) -> list:
   return problems
 
 
+def warn(config) -> None:
+  """Logs what the trainer adjusts rather than refuses (a warm-up longer than the run)."""
+  problems = trainer_problems(config)
+  if not any(p.startswith(("total_steps", "schedule.")) for p in problems):
+    warning = optim.warmup_steps(config)[1]
+    if warning:
+      logging.warning("%s", warning)
+
+
 def _regex_problem(field, value) -> list:
   if value:
     try:
@@ -103,10 +112,6 @@ def trainer_problems(config, num_devices=None) -> list:
   fraction = config.schedule.get("warmup_fraction")
   if fraction is not None and not 0 <= fraction < 1:
     problems.append(f"schedule.warmup_fraction: {fraction} must be in [0, 1)")
-  elif config.total_steps >= 1 and config.schedule.warmup_steps >= 0:
-    warning = optim.warmup_steps(config)[1]
-    if warning:
-      logging.warning("%s", warning)
   for field in ("log_every_steps", "max_consecutive_nonfinite"):
     if config[field] < 1:
       problems.append(f"{field}: {config[field]} must be >= 1")
@@ -184,8 +189,9 @@ def _tokenizer_problems(config, task) -> list:
                     f"{', '.join(tokenizers.KINDS)}")
   if t.model_path and not epath.Path(t.model_path).exists():
     problems.append(f"tokenizer.model_path: {t.model_path!r} does not exist")
-  if not t.model_path and t.kind == "bpe":
-    problems.append("tokenizer.model_path: tokenizer.kind='bpe' needs its vocabulary file")
+  if not t.model_path and t.kind in tokenizers.NEEDS_FILE:
+    problems.append(f"tokenizer.model_path: tokenizer.kind={t.kind!r} needs "
+                    f"{tokenizers.NEEDS_FILE[t.kind]}")
   if t.context_length != spec.context_length:
     problems.append(f"tokenizer.context_length: {t.context_length} != the model's context length "
                     f"{spec.context_length}")

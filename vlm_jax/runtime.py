@@ -138,29 +138,38 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
 
 
 def prepare_data(config) -> None:
-  """Builds the embedded `shapes` dataset if the config uses it (no download; a no-op when
-  prepared). Other TFDS datasets must be prepared beforehand (`tfds build`)."""
-  d = config.data
-  if d.source == "tfds" and d.name.split(":")[0].startswith("shapes/"):
-    from vlm_jax.data import shapes  # pylint: disable=g-import-not-at-top
-    shapes.prepare(d.name.split("/")[1].split(":")[0], d.data_dir)
+  """Builds the embedded `shapes` dataset for the training data and every evaluation that reads
+  it (no download; a no-op when prepared; in the vlm_jax cache unless `data_dir` is set). Other
+  TFDS datasets must be prepared beforehand (`tfds build`)."""
+  from vlm_jax import evals  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import cache  # pylint: disable=g-import-not-at-top
+  from vlm_jax.evals import common  # pylint: disable=g-import-not-at-top
+  datas = [config.data] + [common.eval_data_config(config, entry)
+                           for _, entry in evals.entries(config, [])]
+  done = set()
+  for d in datas:
+    if d.source == "tfds" and cache.is_embedded(d.name) and "/" in d.name:
+      key = (d.name.split("/")[1].split(":")[0], cache.tfds_data_dir(d.name, d.data_dir))
+      if key not in done:
+        from vlm_jax.data import shapes  # pylint: disable=g-import-not-at-top
+        shapes.prepare(*key)
+        done.add(key)
 
 
 def training_captions(config, source=None) -> list:
   """Captions to train a tokenizer on: the shapes generator's (fast, no images) or those of the
-  first TOKENIZER_TRAIN_EXAMPLES records of a random-access training source."""
+  first TOKENIZER_TRAIN_EXAMPLES records of the training source (any kind)."""
   d = config.data
   if d.source == "tfds" and d.name.startswith("shapes/"):
     from vlm_jax.data import shapes  # pylint: disable=g-import-not-at-top
     return shapes.caption_corpus(d.name.split("/")[1].split(":")[0], d.train_split)
   from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   source = source if source is not None else sources.make_source(d, "train")
-  if not getattr(source, "random_access", False):
-    raise ValueError(f"tokenizer.model_path: data.source={d.source!r} cannot be sampled to "
-                     "train a tokenizer; give a SentencePiece model file")
-  texts = []
-  for i in range(min(len(source), TOKENIZER_TRAIN_EXAMPLES)):
-    texts.extend(source[i].get("captions") or [])
+  texts = sources.captions(source, TOKENIZER_TRAIN_EXAMPLES)
+  if not any(texts):
+    raise ValueError(f"tokenizer: the first {TOKENIZER_TRAIN_EXAMPLES} records of "
+                     f"{source.describe()} hold no captions to train a tokenizer on; give one in "
+                     "tokenizer.model_path")
   return texts
 
 

@@ -16,6 +16,7 @@ What happens (the pieces are in `vlm_jax.runtime`):
   * metrics go to DIR/metrics.jsonl, TensorBoard (DIR/tensorboard) and a progress bar; the
     evaluations of `config.evals` run every `eval_every_steps` and at the end.
 Without --config, the config saved in the workdir is used (resuming a run as it was started).
+Every config field, with its value and help: python -m vlm_jax.config show configs/x.py[:arg]
 """
 from __future__ import annotations
 
@@ -110,6 +111,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
   (`vlm_jax.preflight`); then the data is prepared and checked. Completes the config from the
   data (the task's `finalize`, e.g. a classifier's number of classes)."""
   preflight.raise_problems(preflight.config_problems(config))
+  preflight.warn(config)
   runtime_lib.prepare_data(config)
   source, problems = preflight.open_train_source(config)
   preflight.raise_problems(problems + preflight.eval_data_problems(config))

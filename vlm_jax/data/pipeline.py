@@ -294,6 +294,7 @@ class DataIterator:
     self._padding = padding
     self.batch_size = int(batch_size)
     self._num_batches = num_batches
+    self.num_batches = num_batches          # None: unknown (training streams are endless)
     self._batches = 0
     self._skips = SkipLog()
     self._exhausted = False

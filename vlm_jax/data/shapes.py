@@ -40,6 +40,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 import tensorflow_datasets as tfds
 
+from vlm_jax.data import cache
+
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 # Saturated colours that differ in at least one channel by >150, so they stay distinct after any
@@ -343,7 +345,8 @@ def get_config(name):
 
 
 def prepare(config_name="tiny", data_dir=None, file_format="array_record"):
-  """Builds `shapes/<config_name>` into `data_dir` unless it is there already; returns the builder.
+  """Builds `shapes/<config_name>` into `data_dir` (default: the vlm_jax cache,
+  `vlm_jax.data.cache`) unless it is there already; returns the builder.
 
   Safe to call from several processes at once: a file lock in `data_dir` serialises them, and
   TFDS writes into a temporary directory that it renames when complete, so a reader never sees
@@ -354,8 +357,7 @@ def prepare(config_name="tiny", data_dir=None, file_format="array_record"):
     'tfrecord' (in another data_dir: one data_dir holds one format) for `tfds.load`.
   """
   get_config(config_name)  # clear error for an unknown name
-  if data_dir is None:
-    data_dir = os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+  data_dir = cache.tfds_data_dir("shapes", data_dir)
   os.makedirs(data_dir, exist_ok=True)
   lock_path = os.path.join(data_dir, f".shapes-{config_name}.lock")
   with open(lock_path, "w") as lock:

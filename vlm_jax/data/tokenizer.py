@@ -275,3 +275,82 @@ def _atomic_write(path, data):
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+# ---- command line: train a SentencePiece model on the captions of any source -------------------
+
+_CLI_USAGE = r"""Trains a SentencePiece tokenizer on the captions of a data source.
+
+  python -m vlm_jax.data.tokenizer train --source wds --shards 'shards/{00000..00099}.tar' \
+      --vocab 32000 --out tok.model
+  python -m vlm_jax.data.tokenizer train --source jsonl --jsonl data/captions.jsonl --vocab 8000 \
+      --out tok.model
+  python -m vlm_jax.data.tokenizer train --source tfds --tfds coco_captions \
+      --text_key captions/text --vocab 32000 --out tok.model
+
+Reads the captions of the first --max_records records (storage order), trains with the ids every
+vlm_jax model expects (pad 0, unk 1, bos 2, eos 3), and writes --out atomically. Then train with
+--config.tokenizer.model_path=tok.model (and model.text.vocab_size >= the printed size).
+"""
+
+
+def _define_cli_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_enum("source", None, ["tfds", "wds", "jsonl"], "Kind of source.")
+  flags.DEFINE_string("shards", None, "wds: brace / glob pattern of tar shards.")
+  flags.DEFINE_string("jsonl", None, "jsonl: the captions.jsonl file.")
+  flags.DEFINE_string("tfds", None, "tfds: dataset name, e.g. coco_captions.")
+  flags.DEFINE_string("data_dir", None, "tfds: data_dir.")
+  flags.DEFINE_string("split", "train", "tfds: split.")
+  flags.DEFINE_string("text_key", "captions", "tfds: feature path of the captions.")
+  flags.DEFINE_integer("vocab", 32000, "Largest vocabulary wanted (a small corpus gives fewer).")
+  flags.DEFINE_string("out", None, "Where to write the .model file.")
+  flags.DEFINE_integer("max_records", 1_000_000, "Read the captions of this many records.")
+  flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe", "word", "char"],
+                    "SentencePiece model type.")
+  flags.DEFINE_bool("lowercase", False, "Case-fold texts (stored in the model).")
+  flags.mark_flags_as_required(["source", "out"])
+
+
+def _cli_main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from vlm_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if argv[1:] != ["train"]:
+    raise SystemExit("usage: python -m vlm_jax.data.tokenizer train --source ... --out tok.model"
+                     " (see --help)")
+  data = config_defaults.data_config()
+  data.source = f.source
+  if f.source == "wds":
+    data.train_shards = f.shards
+  elif f.source == "jsonl":
+    data.train_jsonl = f.jsonl
+  else:
+    data.name, data.data_dir, data.train_split = f.tfds, f.data_dir, f.split
+    data.text_key, data.label_key, data.id_key = f.text_key, "", ""
+  needed = {"wds": ("shards", f.shards), "jsonl": ("jsonl", f.jsonl), "tfds": ("tfds", f.tfds)}
+  flag, value = needed[f.source]
+  try:
+    if not value:
+      raise ValueError(f"--{flag}: --source={f.source} reads it")
+    source = sources.make_source(data, "train")
+    texts = sources.captions(source, f.max_records)
+    if not any(texts):
+      raise ValueError(f"{source.describe()} holds no captions in its first {f.max_records} "
+                       "records")
+    print(f"training a {f.model_type} SentencePiece model on {len(texts)} captions of "
+          f"{source.describe()} ...", flush=True)
+    tok = train_sentencepiece(texts, f.out, f.vocab, model_type=f.model_type,
+                              lowercase=f.lowercase)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: {e}") from None
+  print(f"wrote {f.out}: vocab_size {tok.vocab_size} (set model.text.vocab_size >= "
+        f"{tok.vocab_size}, tokenizer.model_path={f.out})")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  __doc__ = _CLI_USAGE   # what --help prints
+  _define_cli_flags()
+  app.run(_cli_main)

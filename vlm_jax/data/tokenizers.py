@@ -4,6 +4,8 @@ Kinds (`config.tokenizer.kind`):
   sentencepiece  a SentencePiece `.model` (`vlm_jax.data.tokenizer`); trained on the training
                  captions when no `tokenizer.model_path` is given
   bpe            OpenAI CLIP's byte-level BPE merges file (`vlm_jax.data.bpe`)
+  hf             Hugging Face tokenizer files through the `tokenizers` library: tokenizer.json,
+                 GPT-2's vocab.json + merges.txt, BERT's vocab.txt (`vlm_jax.data.hf_tokenizer`)
 
 A run keeps its tokenizer's bytes in WORKDIR/tokenizer.model and in every checkpoint's metadata,
 so evaluating it never depends on a file that may have moved.
@@ -17,8 +19,14 @@ from typing import Callable, Optional
 
 from etils import epath
 
-KINDS = ("sentencepiece", "bpe")
+KINDS = ("sentencepiece", "bpe", "hf")
 FILENAME = "tokenizer.model"          # WORKDIR/tokenizer.model
+# What a kind that is not trained here needs in tokenizer.model_path.
+NEEDS_FILE = {
+    "bpe": "OpenAI CLIP's merges file bpe_simple_vocab_16e6.txt.gz (it ships inside the "
+           "open_clip_torch and openai-clip packages)",
+    "hf": "a tokenizer.json, or a folder with one (or vocab.json + merges.txt, or vocab.txt)",
+}
 
 
 def check_kind(kind: str) -> str:
@@ -34,6 +42,9 @@ def read(kind: str, path: str):
   if kind == "bpe":
     from vlm_jax.data import bpe  # pylint: disable=g-import-not-at-top
     return bpe.load(path)
+  if kind == "hf":
+    from vlm_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    return hf_tokenizer.HFTokenizer.load(path)
   from vlm_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
   return tokenizer.Tokenizer.load(path)
 
@@ -44,6 +55,9 @@ def from_bytes(kind: str, data: bytes):
   if kind == "sentencepiece":
     from vlm_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
     return tokenizer.Tokenizer(data)
+  if kind == "hf":
+    from vlm_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    return hf_tokenizer.HFTokenizer.from_bytes(data)
   with tempfile.TemporaryDirectory() as tmp:   # the BPE reader takes a file
     path = os.path.join(tmp, FILENAME)
     with open(path, "wb") as f:
@@ -52,7 +66,10 @@ def from_bytes(kind: str, data: bytes):
 
 
 def to_bytes(tok) -> bytes:
-  """The serialized tokenizer: a SentencePiece model proto, or the BPE merges file's bytes."""
+  """The serialized tokenizer: a SentencePiece model proto, a tokenizer.json, or the BPE merges
+  file's bytes."""
+  if hasattr(tok, "to_bytes"):
+    return tok.to_bytes()
   proto = getattr(tok, "model_proto", None)
   if proto:
     return bytes(proto)
@@ -71,9 +88,7 @@ def for_training(config, workdir: str, training_texts: Callable[[], list]):
   if t.model_path:
     return read(kind, t.model_path)
   if kind != "sentencepiece":
-    raise ValueError(f"tokenizer.model_path: tokenizer.kind={kind!r} needs its vocabulary file "
-                     "(OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz is inside the open_clip_torch "
-                     "wheel)")
+    raise ValueError(f"tokenizer.model_path: tokenizer.kind={kind!r} needs {NEEDS_FILE[kind]}")
   from vlm_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
   return tokenizer.get_or_train(os.path.join(workdir, FILENAME), training_texts, t.vocab_size)
 

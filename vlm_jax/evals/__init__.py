@@ -59,7 +59,7 @@ def evals_config(run: str = AUTO, batch_size: int = 64) -> ml_collections.Config
   zeroshot_imagenet. A config adds its own entries as dicts with a `kind`.
   """
   c = ml_collections.ConfigDict()
-  c.run = run
+  c.run = run                      # entries to run, comma-separated; 'auto': the task's own
   c.batch_size = batch_size        # global eval batch, padded to the data-parallel device count
   for kind in EVALUATORS:
     c[kind] = entry_config(kind)

@@ -9,9 +9,13 @@ downloads Stanford models on first use.
 
 Metric names: caption/<name>/{bleu1,bleu2,bleu3,bleu4,cider,rouge_l,meteor,loglik,perplexity}.
 """
+import contextlib
 import functools
+import os
 import re
 import shutil
+import sys
+import tempfile
 from typing import Dict, List, Mapping, Sequence
 
 from absl import logging
@@ -99,8 +103,30 @@ def tokenize_captions(captions: Mapping[int, List[str]], use_java=None) -> Dict[
     use_java = java_available()
   if use_java:
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # pylint: disable=g-import-not-at-top
-    return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    with _java_stderr_kept_back():
+      return PTBTokenizer().tokenize({k: [{"caption": c} for c in v]
+                                      for k, v in captions.items()})
   return {k: [simple_ptb_tokenize(c) for c in v] for k, v in captions.items()}
+
+
+@contextlib.contextmanager
+def _java_stderr_kept_back():
+  """The Java tokenizer prints a line per call on the process's stderr; keep it back (file
+  descriptor 2 goes to a temporary file) and show it only if the call fails."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      os.dup2(saved, 2)
+      captured.seek(0)
+      sys.stderr.write(captured.read().decode(errors="replace"))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
 
 
 def score_captions(predictions: Sequence[str], references: Sequence[Sequence[str]],

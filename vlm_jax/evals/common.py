@@ -26,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from vlm_jax import console
 from vlm_jax import preemption
 from vlm_jax import sharding
 
@@ -267,11 +268,15 @@ def iterate_batches(ctx: EvalContext, data_config, field_ops, batch_size: int, *
   it = pipeline.make_eval_iterator(
       data_config, field_ops, batch_size=bs // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count(), source=source)
+  bar = console.bar(total=it.num_batches, desc=who, unit="batch", leave=False,
+                    enabled=bool(ctx.config.get("progress_bar", True)))
   try:
     for batch in it:
       _stop_if_requested()
       yield sharding.make_global_batch(batch, ctx.mesh)
+      bar.update(1)
   finally:
+    bar.close()
     it.close()
 
 

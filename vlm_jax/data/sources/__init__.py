@@ -63,6 +63,21 @@ def make_source(data_config, split_name):
   raise ValueError(f"data.source: unknown source {kind!r}; expected one of {', '.join(KINDS)}")
 
 
+def captions(source, limit: int) -> list:
+  """The captions of the first `limit` records in storage order (unreadable records give none),
+  from any source: to train a tokenizer on."""
+  if getattr(source, "random_access", False):
+    records = (source[i] for i in range(min(len(source), limit)))
+  else:
+    stream = source.iterate({"epoch": 0, "group": 0, "offset": 0}, process_index=0,
+                            process_count=1, seed=0, shuffle=False, num_epochs=1)
+    records = (raw for n, (raw, _) in zip(range(limit), stream))
+  texts = []
+  for raw in records:
+    texts.extend(raw.get("captions") or [])
+  return texts
+
+
 def check_fields(source, field_ops, who: str):
   """Fails, naming every missing field, when `source` lacks a raw field an op needs.
 
@@ -76,6 +91,6 @@ def check_fields(source, field_ops, who: str):
                      f"provide (it provides: image{''.join(', ' + f for f in sorted(source.provides))})")
 
 
-__all__ = ["make_source", "check_fields", "KINDS", "CAPTIONS", "LABEL", "DataLacks", "even_share", "FieldMap",
+__all__ = ["make_source", "captions", "check_fields", "KINDS", "CAPTIONS", "LABEL", "DataLacks", "even_share", "FieldMap",
            "TfdsSource", "JsonlSource", "WdsSource", "ImageFolderSource", "expand_braces",
            "index_shard", "list_shards", "read_tar_sample"]

@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 
+from vlm_jax.data import cache
 from vlm_jax.data.sources import common
 
 
@@ -60,6 +61,14 @@ class FieldMap:
   id_key: str | None = None
 
 
+def _prepare_hint(name) -> str:
+  if cache.is_embedded(name):
+    config = name.split("/")[1].split(":")[0] if "/" in name else "tiny"
+    return ("the trainer and `vlm_jax.evaluate` build it; by hand: python -c 'from vlm_jax.data "
+            f"import shapes; shapes.prepare(\"{config}\")'")
+  return f"prepare it first (e.g. `tfds build {name} --data_dir=...`)"
+
+
 class TfdsSource:
   """A prepared TFDS dataset, by name and split.
 
@@ -83,8 +92,9 @@ class TfdsSource:
   def __init__(self, name, split, *, data_dir=None, fields=FieldMap(), reader="auto",
                skip_decode=True):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    if name.split("/")[0].split(":")[0] == "shapes":
+    if cache.is_embedded(name):
       from vlm_jax.data import shapes  # pylint: disable=g-import-not-at-top,unused-import
+    data_dir = cache.tfds_data_dir(name, data_dir)
     if reader not in ("auto", "data_source", "as_dataset"):
       raise ValueError(f"data.tfds_reader: unknown reader {reader!r}; expected auto, data_source "
                        "or as_dataset")
@@ -121,11 +131,11 @@ class TfdsSource:
                            f"file_format='array_record': {e}") from e
       except Exception as e:  # pylint: disable=broad-except
         raise FileNotFoundError(f"data.name: TFDS dataset {name!r} split {split!r} is not "
-                                f"prepared in data_dir={data_dir!r}; prepare it first (e.g. "
-                                f"`tfds build {name} --data_dir=...`): {e}") from e
+                                f"prepared in data_dir={data_dir!r}; {_prepare_hint(name)}: "
+                                f"{e}") from e
     if self._data_source is None and not self._builder.is_prepared():
       raise FileNotFoundError(f"data.name: TFDS dataset {name!r} is not prepared in data_dir="
-                              f"{data_dir!r}; prepare it first (e.g. `tfds build {name}`)")
+                              f"{data_dir!r}; {_prepare_hint(name)}")
     self.random_access = self._data_source is not None
     self.provides = frozenset(f for f, path in ((common.CAPTIONS, "text"), (common.LABEL, "label"))
                               if path in self._paths)
