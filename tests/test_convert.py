@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -184,9 +185,11 @@ def make_reference(name, tmp_path_factory):
     model_json = d / "openclip_model.json"
     model_json.write_text(json.dumps(openclip_model_json(name)))
     converted = {
-        "hf": convert.convert_checkpoint("hf", str(d / "model.safetensors"), str(d / "out_hf")),
+        # Random-init models of a 100-id vocabulary: no tokenizer fits them.
+        "hf": convert.convert_checkpoint("hf", str(d / "model.safetensors"), str(d / "out_hf"),
+                                         tokenizer="none"),
         "openclip": convert.convert_checkpoint("openclip", str(pt), str(d / "out_openclip"),
-                                               model=str(model_json)),
+                                               model=str(model_json), tokenizer="none"),
     }
     _REFERENCES[name] = (name, model, d, pt, model_json, converted)
   return _REFERENCES[name]
@@ -280,7 +283,8 @@ def test_other_architecture_is_refused(one_reference, tmp_path):
     convert.convert_checkpoint("openclip", str(d / "model.safetensors"), str(out),
                                model="ViT-B-32")
   with pytest.raises(convert.ConversionError, match="use --format openclip"):
-    convert.convert_checkpoint("hf", str(pt), str(out), model=str(d / "config.json"))
+    convert.convert_checkpoint("hf", str(pt), str(out), model=str(d / "config.json"),
+                               tokenizer="none")
   _assert_nothing_written(tmp_path, out)
 
 
@@ -291,7 +295,8 @@ def test_wrong_model_description_is_refused(reference, tmp_path):
   path = tmp_path / "wrong.json"
   path.write_text(json.dumps(desc))
   with pytest.raises(convert.ConversionError, match="vision_layers: \\d+ in the checkpoint"):
-    convert.convert_checkpoint("openclip", str(pt), str(tmp_path / "out"), model=str(path))
+    convert.convert_checkpoint("openclip", str(pt), str(tmp_path / "out"), model=str(path),
+                               tokenizer="none")
 
 
 def test_missing_unexpected_and_mismatched_keys_are_reported(one_reference):
@@ -377,7 +382,7 @@ def test_torchscript_parity(one_reference, tmp_path):
   state = common.read_checkpoint(str(archive))
   assert "transformer.resblocks.0.attn_mask" in state and "visual.conv1.weight" in state
   out = convert.convert_checkpoint("openclip", str(archive), str(tmp_path / "out"),
-                                   model=str(model_json))
+                                   model=str(model_json), tokenizer="none")
   _, ours, params = load_converted(out)
   images, text = random_inputs(seed=2)
   assert_parity(our_outputs(ours, params, images, text), hf_outputs(model, images, text))
@@ -525,7 +530,8 @@ def test_cli(one_reference, tmp_path):
   out = tmp_path / "cli_out"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   ok = subprocess.run([sys.executable, "-m", "vlm_jax.convert", "--format", "hf",
-                       "--checkpoint", str(d / "model.safetensors"), "--out", str(out)],
+                       "--checkpoint", str(d / "model.safetensors"), "--out", str(out),
+                       "--tokenizer", "none"],
                       capture_output=True, text=True, env=env, timeout=120)
   assert ok.returncode == 0, ok.stderr
   assert os.path.exists(out / "config.json") and os.path.isdir(out / "checkpoints" / "0")
@@ -609,3 +615,78 @@ def test_converted_checkpoint_runs_through_evaluate(tmp_path, shapes_data_dir):
   top1 = metrics["zeroshot/shapes/top1"]
   assert 0.0 <= top1 <= 1.0
   assert (out / "eval" / "metrics_0.json").exists()
+
+
+# ---- the tokenizer a converted workdir carries -------------------------------------------------
+
+
+def _tiny_clip_vocab(folder):
+  """OpenAI-format merges of a tiny vocabulary, and the same tokenizer as Hugging Face files
+  (vocab.json + merges.txt -> CLIPTokenizerFast's tokenizer.json)."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import bpe  # pylint: disable=g-import-not-at-top
+  merges = [("c", "i"), ("ci", "r"), ("l", "e</w>"), ("s", "q"), ("r", "e"), ("t", "h"),
+            ("th", "e</w>"), ("a", "n"), ("o", "n")]
+  os.makedirs(folder, exist_ok=True)
+  gz = os.path.join(folder, "bpe_vocab.txt.gz")
+  with gzip.open(gz, "wt", encoding="utf-8") as f:
+    f.write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges))
+  encoder = dict(bpe.load(gz)._encoder)  # pylint: disable=protected-access
+  # The same two special ids under Hugging Face's names.
+  for ours, theirs in zip(bpe._SPECIALS, ("<|startoftext|>", "<|endoftext|>")):  # pylint: disable=protected-access
+    encoder[theirs] = encoder.pop(ours)
+  hf_dir = os.path.join(folder, "hf_tok")
+  os.makedirs(hf_dir)
+  with open(os.path.join(hf_dir, "vocab.json"), "w") as f:
+    json.dump(encoder, f)
+  with open(os.path.join(hf_dir, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+  transformers.CLIPTokenizerFast(os.path.join(hf_dir, "vocab.json"),
+                                 os.path.join(hf_dir, "merges.txt")).save_pretrained(hf_dir)
+  return gz, os.path.join(hf_dir, "tokenizer.json"), len(encoder)
+
+
+def test_convert_takes_the_tokenizer_beside_a_hf_checkpoint(tmp_path):
+  from vlm_jax import inference  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import bpe  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+  gz, tokenizer_json, vocab = _tiny_clip_vocab(str(tmp_path / "vocab"))
+  model = random_hf_model("quick_gelu", seed=4, vocab=vocab)
+  model.save_pretrained(str(tmp_path / "hf"))
+  shutil.copy(tokenizer_json, tmp_path / "hf" / "tokenizer.json")   # as a HF model folder has it
+  assert convert.find_tokenizer("hf", str(tmp_path / "hf" / "model.safetensors")) == (
+      "hf", str(tmp_path / "hf"))
+  out = convert.convert_checkpoint("hf", str(tmp_path / "hf" / "model.safetensors"),
+                                   str(tmp_path / "out"))
+  loaded = inference.load(out)
+  assert isinstance(loaded.tokenizer, hf_tokenizer.HFTokenizer)
+  assert loaded.config.tokenizer.kind == "hf"
+  texts = ["a red circle.", "the blue square on the left!"]
+  # Hugging Face's CLIP tokenizer files give OpenAI's ids.
+  np.testing.assert_array_equal(loaded.tokenize(texts), bpe.load(gz).encode(texts, CONTEXT))
+
+
+def test_convert_without_a_tokenizer_fails_before_reading(one_reference, tmp_path, monkeypatch):
+  _, _, d, pt, model_json, _ = one_reference
+  # Without --tokenizer the CLIP vocabulary inside an installed open_clip is the default...
+  found = convert.installed_clip_bpe()
+  assert found is not None and found.endswith(convert.CLIP_BPE_FILE)
+  assert convert.find_tokenizer("openclip", str(pt)) == ("bpe", found)
+  # ... which cannot serve a 100-id model: the error names both sizes.
+  with pytest.raises(convert.ConversionError, match=r"has 49408 ids but the model's vocabulary "
+                                                    r"is 100"):
+    convert.convert_checkpoint("openclip", str(pt), str(tmp_path / "a"), model=str(model_json))
+  # With none to be found, the conversion stops at once, says what to pass, writes nothing.
+  monkeypatch.setattr(convert, "installed_clip_bpe", lambda: None)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("the checkpoint was read before the tokenizer was found")
+  monkeypatch.setattr(convert, "read_checkpoint", refuse)
+  out = tmp_path / "out"
+  with pytest.raises(convert.ConversionError, match="pass --tokenizer: OpenAI CLIP's "
+                                                    "bpe_simple_vocab_16e6.txt.gz"):
+    convert.convert_checkpoint("openclip", str(pt), str(out), model=str(model_json))
+  _assert_nothing_written(tmp_path, out)
+  with pytest.raises(convert.ConversionError, match="--tokenizer .*missing.json does not exist"):
+    convert.convert_checkpoint("hf", str(d / "model.safetensors"), str(out),
+                               tokenizer=str(tmp_path / "missing.json"))

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 
 from vlm_jax.convert import configs, hf, openclip
-from vlm_jax.convert.common import ConversionError, read_checkpoint, write_output
+from vlm_jax.convert.common import (ConversionError, check_out_dir, read_checkpoint,
+                                    write_output)
 from vlm_jax.convert.configs import NAMED_MODELS, ClipArch
 
 FORMATS = {"openclip": openclip, "hf": hf}
@@ -62,28 +63,89 @@ def convert_checkpoint(fmt: str, checkpoint: str, out: str, *, model: str | None
     out: the output directory; must not exist (or be empty). Nothing is written on error.
     model: a name in NAMED_MODELS or a JSON description (OpenCLIP model config or HF
       config.json); for 'hf' it defaults to the config.json beside the checkpoint.
-    tokenizer: the BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz); copied into `out` and
-      named by the config (tokenizer.kind='bpe'). Without it the config's tokenizer.model_path
-      stays unset and must be given when evaluating.
+    tokenizer: OpenAI CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) or Hugging Face
+      tokenizer files (tokenizer.json or its folder); default (`find_tokenizer`): for 'hf' the
+      tokenizer files beside the checkpoint, else the BPE vocabulary inside an installed
+      open_clip / clip package. Stored in `out` (WORKDIR/tokenizer.model), so the workdir loads
+      on its own; with none found, nothing is read or written and the error says what to pass.
+      'none': weights only (for `train --config.init_from`; evaluating the workdir then needs
+      --config.tokenizer.model_path).
   """
   if fmt not in FORMATS:
     raise ConversionError(f"convert: --format {fmt!r}: expected one of {', '.join(FORMATS)}")
+  check_out_dir(out)
   arch, model_name = configs.resolve_arch(model, fmt, checkpoint)
-  if tokenizer is not None:
-    from vlm_jax.data import bpe  # pylint: disable=g-import-not-at-top
-    vocab = bpe.load(tokenizer).vocab_size
-    if vocab != arch.vocab_size:
-      raise ConversionError(f"convert: --tokenizer {tokenizer} has {vocab} ids but the model's "
-                            f"vocabulary is {arch.vocab_size}")
+  kind, tok_path = find_tokenizer(fmt, checkpoint, tokenizer)
+  tok = _read_tokenizer(kind, tok_path, arch) if kind else None
   source = os.path.basename(checkpoint)
   state = read_checkpoint(checkpoint)
   params = convert_state(state, fmt, arch, source=source, model=model_name)
   config = configs.to_config(arch)
+  config.tokenizer.kind = kind or config.tokenizer.kind
   check_against_model(params, config)
   report = {"format": fmt, "checkpoint": os.path.abspath(checkpoint), "model": model_name,
-            "arch": arch.describe(), "tensors": len(state)}
-  return write_output(out, params, config, tokenizer_file=tokenizer, report=report)
+            "arch": arch.describe(), "tensors": len(state),
+            "tokenizer": {"kind": kind, "from": os.path.abspath(tok_path)} if kind else None}
+  from vlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  return write_output(out, params, config, report=report,
+                      tokenizer_bytes=tokenizers.to_bytes(tok) if tok is not None else None)
+
+
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+HF_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def installed_clip_bpe() -> str | None:
+  """OpenAI CLIP's BPE vocabulary as shipped inside the open_clip_torch or openai-clip package
+  (found without importing them), or None."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  for package in ("open_clip", "clip"):
+    try:
+      spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+      spec = None
+    if spec is not None and spec.origin:
+      path = os.path.join(os.path.dirname(spec.origin), CLIP_BPE_FILE)
+      if os.path.isfile(path):
+        return path
+  return None
+
+
+def find_tokenizer(fmt: str, checkpoint: str, tokenizer: str | None = None) -> tuple[str, str]:
+  """(tokenizer.kind, path) of the converted model's tokenizer, or (None, None) for 'none'; see
+  `convert_checkpoint`."""
+  if tokenizer == "none":
+    return None, None
+  if tokenizer:
+    if not os.path.exists(tokenizer):
+      raise ConversionError(f"convert: --tokenizer {tokenizer} does not exist")
+  elif fmt == "hf" and any(all(os.path.isfile(os.path.join(os.path.dirname(
+      os.path.abspath(checkpoint)), f)) for f in files) for files in HF_TOKENIZER_FILES):
+    tokenizer = os.path.dirname(os.path.abspath(checkpoint))
+  else:
+    tokenizer = installed_clip_bpe()
+    if tokenizer is None:
+      raise ConversionError(
+          "convert: no tokenizer for the converted model, and a workdir without one cannot "
+          f"be evaluated; pass --tokenizer: OpenAI CLIP's {CLIP_BPE_FILE} (it ships inside the "
+          "open_clip_torch and openai-clip packages) or the model's Hugging Face tokenizer.json "
+          "(or --tokenizer none for the weights alone). Nothing was written")
+  hf_files = os.path.isdir(tokenizer) or tokenizer.endswith(".json")
+  return ("hf" if hf_files else "bpe"), tokenizer
+
+
+def _read_tokenizer(kind: str, path: str, arch: ClipArch):
+  from vlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  try:
+    tok = tokenizers.read(kind, path)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConversionError(f"convert: tokenizer {path}: {e}") from e
+  if tok.vocab_size != arch.vocab_size:
+    raise ConversionError(f"convert: tokenizer {path} has {tok.vocab_size} ids but the model's "
+                          f"vocabulary is {arch.vocab_size}")
+  return tok
 
 
 __all__ = ["ConversionError", "ClipArch", "NAMED_MODELS", "FORMATS", "convert_checkpoint",
+           "find_tokenizer", "installed_clip_bpe",
            "convert_state", "check_against_model", "read_checkpoint"]

@@ -1,5 +1,5 @@
 """Command line: `python -m vlm_jax.convert --format openclip|hf --model NAME --checkpoint FILE
---out DIR [--tokenizer bpe_simple_vocab_16e6.txt.gz]`. Exit status 1 with a one-paragraph
+--out DIR [--tokenizer bpe_simple_vocab_16e6.txt.gz | tokenizer.json]`. Exit status 1 with a one-paragraph
 reason (and nothing written) when the checkpoint cannot be converted."""
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ def parse_args(argv):
   p.add_argument("--checkpoint", required=True, help=".safetensors, or .pt/.pth/.bin/.ckpt (state dict or OpenAI TorchScript)")
   p.add_argument("--out", required=True, help="output workdir (must not exist yet)")
   p.add_argument("--tokenizer", default=None,
-                 help="BPE vocabulary (bpe_simple_vocab_16e6.txt.gz), copied into --out")
+                 help="OpenAI CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) or Hugging "
+                      "Face tokenizer files (tokenizer.json or its folder), stored in --out; "
+                      "default: for hf the files beside the checkpoint, else the vocabulary "
+                      "inside an installed open_clip_torch / openai-clip package; 'none': the "
+                      "weights alone (for init_from)")
   return p.parse_args(argv)
 
 

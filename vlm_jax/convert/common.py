@@ -403,7 +403,16 @@ def conv_patch_kernel(weight: np.ndarray) -> np.ndarray:
 # Writing.
 
 
-def write_output(out_dir: str, params: dict, config, *, tokenizer_file: str | None = None,
+def check_out_dir(out_dir: str) -> str:
+  """OUT as an absolute path; it must not exist yet (or be an empty directory)."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise ConversionError(f"convert: --out {out_dir} already exists and is not an empty "
+                          "directory; choose a new one (nothing is overwritten)")
+  return out_dir
+
+
+def write_output(out_dir: str, params: dict, config, *, tokenizer_bytes: bytes | None = None,
                  report: dict | None = None) -> str:
   """Writes the converted model as a vlm_jax workdir, atomically.
 
@@ -411,7 +420,7 @@ def write_output(out_dir: str, params: dict, config, *, tokenizer_file: str | No
     OUT/checkpoints/0/state   Orbax: {'params': ..., 'step': 0}
     OUT/checkpoints/0/meta    JSON: the config and where the weights came from
     OUT/config.json           the config (model, tokenizer, data, evals, ...)
-    OUT/tokenizer.model       a copy of the BPE vocabulary file, when given
+    OUT/tokenizer.model       the tokenizer (read as config.tokenizer.kind), when given
     OUT/conversion.json       what was converted from what
 
   Everything is written into a temporary directory beside OUT and renamed at the end, so a failed
@@ -421,18 +430,16 @@ def write_output(out_dir: str, params: dict, config, *, tokenizer_file: str | No
   from vlm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from vlm_jax import config_utils  # pylint: disable=g-import-not-at-top
 
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-    raise ConversionError(f"convert: --out {out_dir} already exists and is not an empty "
-                          "directory; choose a new one (nothing is overwritten)")
+  out_dir = check_out_dir(out_dir)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
   try:
-    if tokenizer_file:
+    if tokenizer_bytes:
       # WORKDIR/tokenizer.model is where inference / evaluate look first (the trainer writes its
-      # tokenizer there too); config.tokenizer.kind says how to read it ('bpe').
-      shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
+      # tokenizer there too); config.tokenizer.kind says how to read it.
+      with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+        f.write(tokenizer_bytes)
       config.tokenizer.model_path = os.path.join(out_dir, "tokenizer.model")
     config_json = config_utils.config_to_json(config)
     with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -444,7 +451,7 @@ def write_output(out_dir: str, params: dict, config, *, tokenizer_file: str | No
                                          keep=None)
     try:
       meta = {"config": config_json, "converted_from": report or {}}
-      if tokenizer_file:
+      if tokenizer_bytes:
         meta["tokenizer_kind"] = config.tokenizer.kind
       checkpointer.save(0, state, {}, meta)
     finally:
