@@ -110,7 +110,8 @@ def write_shards(out: str, exs, per_shard: int = 1000, labels: bool = False) -> 
 
 
 def write_image_folder(out: str, exs) -> list:
-  """Returns the class folder names, sorted (= label order: shapes' class order is sorted)."""
+  """Returns the class folder names, sorted: the label order an ImageFolder source gives them
+  (not shapes' own label order, which is colour-major)."""
   names = [n.replace(" ", "_") for n in shapes.class_names()]
   for ex in exs:
     folder = os.path.join(out, names[int(ex["label"])])
