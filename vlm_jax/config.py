@@ -11,7 +11,6 @@ the towers and the evaluators), so it cannot drift from the code that reads it.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import re

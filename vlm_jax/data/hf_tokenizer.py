@@ -35,7 +35,7 @@ def _first_id(tok, names):
   return None
 
 
-def read_files(path) -> "tokenizers.Tokenizer":  # noqa: F821
+def read_files(path):
   """The `tokenizers.Tokenizer` of a tokenizer.json, or of a folder (see the module doc)."""
   import tokenizers  # pylint: disable=g-import-not-at-top
   p = epath.Path(path)
