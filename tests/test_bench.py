@@ -326,3 +326,31 @@ def test_option_ab_names_an_option_xla_refuses():
   with pytest.raises(ValueError, match="--variant bad: .*xla_cpu_no_such_option"):
     option_ab.run(config, [("base", {}), ("bad", {"xla_cpu_no_such_option": True})], rounds=1,
                   steps_per_round=1)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_stage(tmp_path):
+  """bench/gpu_check.sh at toy sizes on the CPU: the script a lent GPU runs cannot break unseen."""
+  env = _env()
+  env["PYTHON"] = sys.executable
+  proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--out", str(tmp_path)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(l) for l in open(tmp_path / "results.jsonl")]
+  assert not [r for r in records if "failed" in r], records
+  by_stage = {}
+  for r in records:
+    by_stage.setdefault(r["stage"], []).append(r)
+  assert set(by_stage) == {"env", "train_step/base", "train_step/scan_remat",
+                           "train_step/flash_attention", "matmul_floor", "decode",
+                           "prefix_lm_step"}
+  assert by_stage["env"][0]["devices"] == 2
+  for stage in ("train_step/base", "train_step/scan_remat"):
+    assert by_stage[stage][0]["samples_per_s"] > 0 and by_stage[stage][0]["mfu"] > 0
+  assert by_stage["matmul_floor"][0]["xla_floor_s"] > 0
+  decode = {(r["beam"], r["max_len"]): r for r in by_stage["decode"]}
+  assert set(decode) == {(1, 4), (1, 8), (2, 4), (2, 8)}
+  assert all(r["captions_per_s"] > 0 and r["ms_per_token"] > 0 for r in decode.values())
+  summary = (tmp_path / "summary.md").read_text().splitlines()
+  assert summary[0].startswith("jax ") and len([l for l in summary if l.startswith("| ")]) == \
+      1 + len(records) - 1       # the header row, then one row per result (env is the title)

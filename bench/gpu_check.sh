@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The accelerator check: every benchmark that needs a GPU / TPU, in one short run (<= 8 minutes
+# on one H100 / H200, compile included), each result one JSON line in OUT/results.jsonl, then a
+# table of them (OUT/summary.md, also printed).
+#
+#   bash bench/gpu_check.sh [--out DIR]          # on the accelerator (installs nothing)
+#   bash bench/gpu_check.sh --dry-run [--out DIR]  # the same stages at toy sizes, on any CPU
+#
+# Stages (each under its own time limit; one that fails or times out is recorded as such and the
+# next one runs):
+#   train_step/base        ViT-B/16 CLIP, bf16, the trainer's step (samples/s, TFLOP/s, MFU,
+#                          peak memory), no scan, no remat
+#   train_step/scan_remat  the same with model.scan + model.remat
+#   matmul_floor           every matmul of that step alone: how close the step is to the GEMMs
+#   decode                 CoCa ViT-B/32 captions, greedy and beam 3 at 8 / 32 / 64 tokens
+#   (planned: flash attention, the prefix-LM step; recorded as not available yet)
+# Environment: PYTHON (default: .venv/bin/python if present, else python3), BATCH (global batch of
+# the train step, default 256), STAGE_TIMEOUT (seconds per stage, default 150). The stages import
+# jax, flax, optax, orbax-checkpoint, chex and ml-collections (no TensorFlow, no data).
+set -uo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "${here}")"
+out="${root}/runs/gpu_check"
+dry_run=0
+while (($#)); do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --out) out="$2"; shift ;;
+    --out=*) out="${1#--out=}" ;;
+    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+python="${PYTHON:-}"
+if [[ -z "${python}" ]]; then
+  if [[ -x "${root}/.venv/bin/python" ]]; then python="${root}/.venv/bin/python"
+  elif command -v python3 > /dev/null; then python=python3
+  else python=python; fi
+fi
+stage_timeout="${STAGE_TIMEOUT:-150}"
+mkdir -p "${out}"
+results="${out}/results.jsonl"
+: > "${results}"
+cd "${root}" || exit 1
+
+if ((dry_run)); then
+  clip=(--config=configs/bench_cpu_clip.py:tiny --config.batch_size=4)
+  steps=(--steps=2 --warmup=1)
+  coca=(--config=configs/shapes_coca.py:tiny --batch=2 --lengths=4,8 --beams=1,2 --repeats=1)
+  floor=(--repeats=1 --min_time=0.001 --torch=false)
+else
+  clip=(--config=configs/bench_vit_b16_clip.py "--config.batch_size=${BATCH:-256}")
+  steps=(--steps=10 --warmup=3)
+  coca=(--config=configs/coca_vit_b32.py --batch=32 --lengths=8,32,64 --beams=1,3 --repeats=3)
+  floor=(--repeats=3 --torch=false)
+fi
+
+# run_stage NAME COMMAND...: the command's JSON lines go to results.jsonl with "stage": NAME; a
+# failure or a timeout becomes one line saying so (with the last lines of its error output).
+run_stage() {
+  local name="$1"; shift
+  local log="${out}/${name//\//_}.log" start rc
+  start=$(date +%s)
+  echo "[gpu_check] ${name} ..." >&2
+  timeout "${stage_timeout}" "$@" > "${log}.out" 2> "${log}"
+  rc=$?
+  "${python}" - "${name}" "${rc}" "$(( $(date +%s) - start ))" "${log}.out" "${log}" \
+      >> "${results}" <<'PY'
+import json, sys
+name, rc, seconds, out_path, err_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:]
+lines = [l for l in open(out_path) if l.strip().startswith("{")]
+if rc == 0 and lines:
+  for line in lines:
+    print(json.dumps({"stage": name, "stage_s": seconds, **json.loads(line)}))
+else:
+  tail = open(err_path).read().strip().splitlines()[-5:]
+  why = "timed out" if rc in (124, 137) else f"exit status {rc}"
+  print(json.dumps({"stage": name, "stage_s": seconds, "failed": why, "error_tail": tail}))
+PY
+}
+
+not_available() {
+  echo "{\"stage\": \"$1\", \"not_available\": \"$2\"}" >> "${results}"
+}
+
+"${python}" - >> "${results}" <<'PY'
+import json, platform, subprocess
+import jax
+gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                      "--format=csv,noheader"], capture_output=True, text=True) \
+    if subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0 else None
+print(json.dumps({"stage": "env", "jax": jax.__version__, "backend": jax.default_backend(),
+                  "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
+                  "nvidia_smi": gpu.stdout.strip() if gpu else None,
+                  "python": platform.python_version()}))
+PY
+run_stage train_step/base "${python}" bench/train_step.py "${clip[@]}" "${steps[@]}"
+run_stage train_step/scan_remat "${python}" bench/train_step.py "${clip[@]}" "${steps[@]}" \
+    --config.model.scan=True --config.model.remat=True
+not_available train_step/flash_attention "attention through jax.nn.dot_product_attention is not implemented yet"
+run_stage matmul_floor "${python}" bench/matmul_floor.py "${clip[@]}" "${floor[@]}"
+run_stage decode "${python}" bench/decode.py "${coca[@]}"
+not_available prefix_lm_step "there is no prefix-LM task yet"
+
+"${python}" "${here}/gpu_summary.py" "${results}" | tee "${out}/summary.md"
