@@ -44,16 +44,26 @@ mkdir -p "${out}"
 results="${out}/results.jsonl"
 : > "${results}"
 cd "${root}" || exit 1
+if ((!dry_run)); then
+  "${python}" -c 'import jax, sys; sys.exit(3 if jax.default_backend() == "cpu" else 0)'
+  case $? in
+    0) ;;
+    3) echo "gpu_check.sh: JAX finds no GPU or TPU here (backend: cpu); run it on the" \
+            "accelerator, or pass --dry-run for the toy-size stages on the CPU" >&2
+       exit 1 ;;
+    *) echo "gpu_check.sh: ${python} cannot import jax (set PYTHON=...)" >&2; exit 1 ;;
+  esac
+fi
 
 if ((dry_run)); then
   clip=(--config=configs/bench_cpu_clip.py:tiny --config.batch_size=4)
   steps=(--steps=2 --warmup=1)
-  coca=(--config=configs/shapes_coca.py:tiny --batch=2 --lengths=4,8 --beams=1,2 --repeats=1)
+  coca=(--config=configs/shapes_coca.py:tiny --batch=2 "--lengths=4,8" "--beams=1,2" --repeats=1)
   floor=(--repeats=1 --min_time=0.001 --torch=false)
 else
   clip=(--config=configs/bench_vit_b16_clip.py "--config.batch_size=${BATCH:-256}")
   steps=(--steps=10 --warmup=3)
-  coca=(--config=configs/coca_vit_b32.py --batch=32 --lengths=8,32,64 --beams=1,3 --repeats=3)
+  coca=(--config=configs/coca_vit_b32.py --batch=32 "--lengths=8,32,64" "--beams=1,3" --repeats=3)
   floor=(--repeats=3 --torch=false)
 fi
 

@@ -331,6 +331,11 @@ def test_option_ab_names_an_option_xla_refuses():
 @pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_stage(tmp_path):
   """bench/gpu_check.sh at toy sizes on the CPU: the script a lent GPU runs cannot break unseen."""
+  shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+  if shellcheck:
+    check = subprocess.run([shellcheck, os.path.join(REPO, "bench", "gpu_check.sh")],
+                           capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout
   env = _env()
   env["PYTHON"] = sys.executable
   proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--out", str(tmp_path)],
@@ -354,3 +359,13 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
   summary = (tmp_path / "summary.md").read_text().splitlines()
   assert summary[0].startswith("jax ") and len([l for l in summary if l.startswith("| ")]) == \
       1 + len(records) - 1       # the header row, then one row per result (env is the title)
+
+
+def test_gpu_check_without_an_accelerator_refuses_at_once(tmp_path):
+  env = _env()
+  env["PYTHON"] = sys.executable
+  proc = subprocess.run(["bash", "bench/gpu_check.sh", "--out", str(tmp_path)], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert "JAX finds no GPU or TPU here" in proc.stderr and "--dry-run" in proc.stderr
+  assert not (tmp_path / "summary.md").exists()
