@@ -10,12 +10,14 @@
 # next one runs):
 #   train_step/base        ViT-B/16 CLIP, bf16, the trainer's step (samples/s, TFLOP/s, MFU,
 #                          peak memory), no scan, no remat
-#   train_step/scan_remat  the same with model.scan + model.remat
+#   train_step/scan_remat  the same as the recipe runs it: model.scan + model.remat, keeping
+#                          the matmuls without a batch dimension
 #   matmul_floor           every matmul of that step alone: how close the step is to the GEMMs
 #   decode                 CoCa ViT-B/32 captions, greedy and beam 3 at 8 / 32 / 64 tokens
 #   (planned: flash attention, the prefix-LM step; recorded as not available yet)
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), BATCH (global batch of
-# the train step, default 256), STAGE_TIMEOUT (seconds per stage, default 150). The stages import
+# the train step, default 128: without remat the step holds about 0.5 GiB of activations an
+# example, by bench/memory.py), STAGE_TIMEOUT (seconds per stage, default 150). The stages import
 # jax, flax, optax, orbax-checkpoint, chex and ml-collections (no TensorFlow, no data).
 set -uo pipefail
 
@@ -58,10 +60,12 @@ fi
 if ((dry_run)); then
   clip=(--config=configs/bench_cpu_clip.py:tiny --config.batch_size=4)
   steps=(--steps=2 --warmup=1)
-  coca=(--config=configs/shapes_coca.py:tiny --batch=2 "--lengths=4,8" "--beams=1,2" --repeats=1)
+  coca=(--config=configs/shapes_coca.py:tiny --batch=2 "--lengths=4,8" "--beams=1,2" --repeats=1
+        --config.model.scan=True --config.model.remat=True   # as coca_vit_b32 runs
+        --config.model.remat_policy=dots_no_batch)
   floor=(--repeats=1 --min_time=0.001 --torch=false)
 else
-  clip=(--config=configs/bench_vit_b16_clip.py "--config.batch_size=${BATCH:-256}")
+  clip=(--config=configs/bench_vit_b16_clip.py "--config.batch_size=${BATCH:-128}")
   steps=(--steps=10 --warmup=3)
   coca=(--config=configs/coca_vit_b32.py --batch=32 "--lengths=8,32,64" "--beams=1,3" --repeats=3)
   floor=(--repeats=3 --torch=false)
@@ -106,11 +110,13 @@ print(json.dumps({"stage": "env", "jax": jax.__version__, "backend": jax.default
                   "nvidia_smi": gpu.stdout.strip() if gpu else None,
                   "python": platform.python_version()}))
 PY
-run_stage train_step/base "${python}" bench/train_step.py "${clip[@]}" "${steps[@]}"
+run_stage train_step/base "${python}" bench/train_step.py "${clip[@]}" "${steps[@]}" \
+    --config.model.scan=False --config.model.remat=False
 run_stage train_step/scan_remat "${python}" bench/train_step.py "${clip[@]}" "${steps[@]}" \
-    --config.model.scan=True --config.model.remat=True
+    --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch
 not_available train_step/flash_attention "attention through jax.nn.dot_product_attention is not implemented yet"
-run_stage matmul_floor "${python}" bench/matmul_floor.py "${clip[@]}" "${floor[@]}"
+run_stage matmul_floor "${python}" bench/matmul_floor.py "${clip[@]}" "${floor[@]}" \
+    --config.model.scan=False --config.model.remat=False   # the floor counts a straight line
 run_stage decode "${python}" bench/decode.py "${coca[@]}"
 not_available prefix_lm_step "there is no prefix-LM task yet"
 

@@ -6,7 +6,9 @@ OpenAI CLIP ViT-B/16 sizes: image 224 (196 patches + class token), width 768 / 1
 heads; text 77 tokens, 49408 ids, width 512 / 12 layers / 8 heads; embedding 512. Compute in
 bfloat16 with float32 params; AdamW (constant learning rate, no clipping); softmax contrastive
 loss; exact GELU. `batch_size` is the global batch (per device: batch_size / device count).
-arg: 'remat' re-computes each block in the backward pass (larger batches fit).
+The model is the recipe's: blocks scanned and rematerialised, keeping the matmuls without a
+batch dimension (`remat_policy='dots_no_batch'`). arg: 'plain' (no scan, no remat: the
+fastest step where the activations fit) or 'remat' (scan + full remat: the least memory).
 """
 import ml_collections
 
@@ -14,15 +16,18 @@ from . import clip_vit_b16
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "remat"):
-    raise ValueError(f"configs/bench_vit_b16_clip.py: unknown arg {arg!r}; expected 'remat' "
-                     "or none")
+  if arg not in (None, "", "plain", "remat"):
+    raise ValueError(f"configs/bench_vit_b16_clip.py: unknown arg {arg!r}; expected 'plain', "
+                     "'remat' or none")
   recipe = clip_vit_b16.get_config()
   c = ml_collections.ConfigDict()
   c.task = "contrastive"
-  c.model = recipe.model              # the recipe's model, unchanged but for dtype and remat
+  c.model = recipe.model              # the recipe's model, unchanged but for dtype and memory
   c.model.dtype = "bfloat16"
-  c.model.remat = arg == "remat"
+  if arg == "plain":
+    c.model.update(scan=False, remat=False)
+  elif arg == "remat":
+    c.model.remat_policy = "full"
   c.loss = dict(contrastive="softmax")
   c.total_steps = 1000
   c.batch_size = 256

@@ -19,7 +19,8 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.task = "contrastive"
   c.model = dict(
-      embed_dim=768, remat=True, logit_scale_init=math.log(10.0), logit_bias_init=-10.0,
+      embed_dim=768, remat=True, scan=True, remat_policy="dots_no_batch",
+      logit_scale_init=math.log(10.0), logit_bias_init=-10.0,
       image=dict(name="vit", variant="B/16", image_size=224, pool="map"),
       text=dict(name="transformer", vocab_size=32_000, context_length=64, width=768, depth=12,
                 num_heads=12, mlp_dim=3072, causal=False, pool="last"))

@@ -107,6 +107,11 @@ def test_init_from_reports_missing_and_mismatched(tmp_path):
   loaded, messages = ck.restore_params(None, wide.abstract_state.params, skip="projection")
   assert "text_projection/kernel" not in loaded and "image/embedding/kernel" in loaded
   assert any("skipped by init_from_skip: text_projection/kernel" in m for m in messages)
+  # A model whose blocks are scanned would find none of a plain checkpoint's blocks: refused.
+  scanned = runtime.Runtime.create(cfg("clip", model__scan=True, model__remat=True))
+  with pytest.raises(ValueError, match=r"stores its Transformer blocks plain and the model "
+                                       r"scanned .*--config.model.scan=False"):
+    ck.restore_params(None, scanned.abstract_state.params)
   ck.close()
 
 

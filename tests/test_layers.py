@@ -2,9 +2,11 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from vlm_jax import models
 from vlm_jax.models import layers
 
 # Random init with the 'rbg' PRNG: same semantics as the default, but XLA:CPU compiles it far
@@ -87,6 +89,22 @@ def test_remat_and_scan_match_plain_stack():
   # Scanned params keep their logical names, with 'layers' in front.
   boxed = jax.eval_shape(scan.init, KEY, x, mask)["params"]["blocks"]["mlp"]["fc1"]["kernel"]
   assert boxed.names == ("layers", "embed", "mlp")
+
+
+@pytest.mark.parametrize("policy", sorted(layers.REMAT_POLICIES))
+def test_remat_policies_change_memory_not_gradients(policy):
+  enc, variables, x, mask = _encoder_outputs()
+  params = nn.unbox(variables)
+
+  def grads(module):
+    loss = lambda p: jnp.sum(module.apply(p, x, mask) ** 2)
+    return jax.jit(jax.grad(loss))(params)
+  want = grads(enc)
+  got = grads(layers.Encoder(**ENC, remat=policy))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+  with pytest.raises(ValueError, match="model.remat_policy: unknown policy 'some'"):
+    models.common_kwargs(ml_collections.ConfigDict(dict(
+        dtype="float32", param_dtype="float32", remat=True, remat_policy="some", scan=False)))
 
 
 def test_bf16_compute_keeps_fp32_params():

@@ -201,6 +201,7 @@ class Checkpointer:
     meta = self.manager.item_metadata(step)["state"]
     saved = flatten(_get(meta, "params"))
     wanted = flatten(abstract_params)
+    _check_block_layouts(saved, wanted, field)
     rx = re.compile(skip) if skip else None
     messages, mismatched, target = [], [], {}
     for path, want in wanted.items():
@@ -233,6 +234,26 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _block_layout(paths) -> Optional[str]:
+  """'scanned' (blocks under one 'blocks' entry), 'plain' (block_<i>), or None."""
+  parts = {p for path in paths for p in path.split("/")}
+  if "blocks" in parts:
+    return "scanned"
+  return "plain" if any(re.fullmatch(r"block_\d+", p) for p in parts) else None
+
+
+def _check_block_layouts(saved: dict, wanted: dict, field: str) -> None:
+  """A checkpoint of the other block layout would load nothing of the blocks (every one
+  'missing'): refuse it, naming the setting that matches."""
+  have, want = _block_layout(saved), _block_layout(wanted)
+  if have and want and have != want:
+    raise ValueError(
+        f"{field}: the checkpoint stores its Transformer blocks {have} and the model "
+        f"{want} ({'model.scan=True' if want == 'scanned' else 'model.scan=False'}); set "
+        f"--config.model.scan={have == 'scanned'} to match it, or convert the checkpoint with "
+        "vlm_jax.models.layers.stack_block_params / unstack_block_params")
 
 
 def gather_json(obj: Any) -> list:

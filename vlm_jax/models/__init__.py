@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.models import decoder
+from vlm_jax.models import layers
 from vlm_jax.models import text
 from vlm_jax.models import vit
 from vlm_jax.models.captioner import Captioner
@@ -61,6 +62,7 @@ def shared_config() -> ml_collections.ConfigDict:
   c.dtype = "auto"               # compute dtype: 'auto' = bfloat16 on TPU/GPU, float32 on CPU
   c.param_dtype = "float32"
   c.remat = False                # nn.remat on every Transformer block
+  c.remat_policy = "full"        # what remat keeps: 'full' (nothing) | 'dots' | 'dots_no_batch'
   c.scan = False                 # nn.scan over the Transformer blocks
   return c
 
@@ -79,9 +81,13 @@ def resolve_dtype(name: str, field: str = "model.dtype", backend: str = None):
 def common_kwargs(model_config) -> dict:
   """dtype / param_dtype / remat / scan for a tower's `from_config`, from `config.model`."""
   c = model_config
+  policy = c.get("remat_policy") or "full"
+  if policy not in layers.REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy: unknown policy {policy!r}; expected one of "
+                     f"{', '.join(layers.REMAT_POLICIES)}")
   return dict(dtype=resolve_dtype(c.dtype, "model.dtype"),
               param_dtype=resolve_dtype(c.param_dtype, "model.param_dtype", backend="cpu"),
-              remat=bool(c.remat), scan=bool(c.scan))
+              remat=policy if c.remat else False, scan=bool(c.scan))
 
 
 __all__ = ["TOWERS", "tower_module", "tower_config", "build_tower", "shared_config",

@@ -48,7 +48,7 @@ class Decoder(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False      # False, or True / a name in layers.REMAT_POLICIES
   scan: bool = False
 
   @nn.compact
@@ -141,7 +141,7 @@ def forward_flops(cfg, *, vocab_size: int, length: int, context_tokens: int,
 
 
 def from_config(cfg, *, vocab_size: int, max_length: int, dtype: Dtype = jnp.float32,
-                param_dtype: Dtype = jnp.float32, remat: bool = False, scan: bool = False,
+                param_dtype: Dtype = jnp.float32, remat: bool | str = False, scan: bool = False,
                 name=None) -> Decoder:
   """Builds the decoder from `model.decoder` (see `default_config`) for a vocabulary of
   `vocab_size` ids and captions of up to `max_length` tokens."""

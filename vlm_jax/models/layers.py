@@ -284,20 +284,32 @@ def encoder_flops(tokens: int, width: int, depth: int, mlp: int, causal: bool) -
   return depth * (proj + attn)
 
 
-def run_blocks(block_cls, depth: int, x: Array, *args, remat: bool = False, scan: bool = False,
-               **block_kwargs) -> Array:
+# What nn.remat keeps from the forward pass of a block (`model.remat_policy`); everything else is
+# recomputed in the backward pass. 'full' keeps only the block's input (least memory, one more
+# forward); 'dots' keeps every matmul output; 'dots_no_batch' keeps the matmuls without a batch
+# dimension (MaxText's 'minimal').
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_blocks(block_cls, depth: int, x: Array, *args, remat: bool | str = False,
+               scan: bool = False, **block_kwargs) -> Array:
   """Applies `depth` blocks of `block_cls` to x; must be called inside a compact method.
 
   `args` are extra array (or None) arguments shared by every block (masks, cross-attention
   context). The three layouts compute the same function with the same parameter values:
     plain: submodules block_0 .. block_{depth-1};
     remat: the same names and tree, each block wrapped in nn.remat (activations recomputed in the
-      backward pass instead of stored);
+      backward pass instead of stored; `remat` True or a name in REMAT_POLICIES);
     scan:  one submodule `blocks` whose params have a leading 'layers' axis of size depth.
   """
   if depth < 1:
     raise ValueError(f"depth: must be >= 1, got {depth}")
-  cls = nn.remat(block_cls) if remat else block_cls
+  policy = REMAT_POLICIES[remat if isinstance(remat, str) else "full"] if remat else None
+  cls = nn.remat(block_cls, policy=policy) if remat else block_cls
   if not scan:
     for i in range(depth):
       x = cls(name=f"block_{i}", **block_kwargs)(x, *args)
@@ -362,7 +374,7 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False
   scan: bool = False
 
   @nn.compact

@@ -74,7 +74,7 @@ class TextTransformer(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False      # False, or True / a name in layers.REMAT_POLICIES
   scan: bool = False
 
   @nn.compact
@@ -147,7 +147,7 @@ def forward_flops(cfg) -> float:
 
 
 def from_config(cfg, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                remat: bool = False, scan: bool = False,
+                remat: bool | str = False, scan: bool = False,
                 name: Optional[str] = None) -> TextTransformer:
   """Builds the text tower from `model.text` (see `default_config`)."""
   t = TextTransformer(

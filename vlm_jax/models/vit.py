@@ -118,7 +118,7 @@ class ViT(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False      # False, or True / a name in layers.REMAT_POLICIES
   scan: bool = False
 
   @property
@@ -258,7 +258,7 @@ def forward_flops(cfg) -> float:
 
 
 def from_config(cfg, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                remat: bool = False, scan: bool = False, name: Optional[str] = None) -> ViT:
+                remat: bool | str = False, scan: bool = False, name: Optional[str] = None) -> ViT:
   """Builds the ViT from `model.image` (see `default_config`)."""
   vit = ViT(
       image_size=int(cfg.image_size), pool=cfg.pool, posemb=cfg.posemb,
