@@ -36,37 +36,30 @@ def comment_help(fn: Callable) -> Dict[str, str]:
   except (OSError, TypeError):
     return {}
   helps, above = {}, []
-  trailing_at = None          # column of the last trailing comment, for its continuation lines
-  single = None               # (field, help from the block above): kept if the block documents
-  for line in lines:          # that one field only (no assignment right after it)
+  continued = None            # (field, column of its trailing '#'): comment lines there go on
+  pending = None              # (field, the block above it): its help if it is the block's only
+  for line in lines:          # field (a block above several fields is a heading)
     assign, comment = _ASSIGN.match(line), _COMMENT.match(line)
+    if comment and continued and line.index("#") == continued[1]:
+      helps[continued[0]] += " " + comment.group(1).strip()
+      continue
+    if pending and not assign:
+      helps.setdefault(*pending)
+    pending = continued = None
     if assign:
       field, trailing = assign.group(1), (assign.group(2) or "").strip()
-      single = None           # a block above two fields is a heading, not help
       if trailing:
-        helps[field], trailing_at = trailing, line.index("#", len(line) - len(line.lstrip())
-                                                        + len(field) + 3)
+        helps[field] = trailing
+        continued = (field, line.index("#", assign.end(1)))
       elif above:
-        single = (field, " ".join(above))
-        trailing_at = None
-      else:
-        trailing_at = None
+        pending = (field, " ".join(above))
       above = []
     elif comment:
-      if single is not None:
-        helps.setdefault(*single)
-        single = None
-      text = comment.group(1).strip()
-      if trailing_at is not None and line.index("#") == trailing_at and helps:
-        last = next(reversed(helps))
-        helps[last] += " " + text
-      else:
-        above.append(text)
-        trailing_at = None
+      above.append(comment.group(1).strip())
     else:
-      if single is not None:
-        helps.setdefault(*single)
-      above, single, trailing_at = [], None, None
+      above = []
+  if pending:
+    helps.setdefault(*pending)
   return helps
 
 

@@ -61,12 +61,11 @@ def config_problems(config, num_devices: Optional[int] = None) -> list:
 
 
 def warn(config) -> None:
-  """Logs what the trainer adjusts rather than refuses (a warm-up longer than the run)."""
-  problems = trainer_problems(config)
-  if not any(p.startswith(("total_steps", "schedule.")) for p in problems):
-    warning = optim.warmup_steps(config)[1]
-    if warning:
-      logging.warning("%s", warning)
+  """Logs what the trainer adjusts rather than refuses (a warm-up longer than the run); for a
+  config that passed `config_problems`."""
+  warning = optim.warmup_steps(config)[1]
+  if warning:
+    logging.warning("%s", warning)
 
 
 def _regex_problem(field, value) -> list:
