@@ -111,6 +111,11 @@ def installed_clip_bpe() -> str | None:
   return None
 
 
+def _has_hf_tokenizer(folder: str) -> bool:
+  return any(all(os.path.isfile(os.path.join(folder, f)) for f in files)
+             for files in HF_TOKENIZER_FILES)
+
+
 def find_tokenizer(fmt: str, checkpoint: str, tokenizer: str | None = None) -> tuple[str, str]:
   """(tokenizer.kind, path) of the converted model's tokenizer, or (None, None) for 'none'; see
   `convert_checkpoint`."""
@@ -119,8 +124,7 @@ def find_tokenizer(fmt: str, checkpoint: str, tokenizer: str | None = None) -> t
   if tokenizer:
     if not os.path.exists(tokenizer):
       raise ConversionError(f"convert: --tokenizer {tokenizer} does not exist")
-  elif fmt == "hf" and any(all(os.path.isfile(os.path.join(os.path.dirname(
-      os.path.abspath(checkpoint)), f)) for f in files) for files in HF_TOKENIZER_FILES):
+  elif fmt == "hf" and _has_hf_tokenizer(os.path.dirname(os.path.abspath(checkpoint))):
     tokenizer = os.path.dirname(os.path.abspath(checkpoint))
   else:
     tokenizer = installed_clip_bpe()
