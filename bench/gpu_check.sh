@@ -13,8 +13,10 @@
 #   train_step/scan_remat  the same as the recipe runs it: model.scan + model.remat, keeping
 #                          the matmuls without a batch dimension
 #   matmul_floor           every matmul of that step alone: how close the step is to the GEMMs
+#   train_step/flash_attention  the recipe's step with model.attention=cudnn (cuDNN's flash
+#                          kernel through jax.nn.dot_product_attention)
 #   decode                 CoCa ViT-B/32 captions, greedy and beam 3 at 8 / 32 / 64 tokens
-#   (planned: flash attention, the prefix-LM step; recorded as not available yet)
+#   (planned: the prefix-LM step; recorded as not available yet)
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), BATCH (global batch of
 # the train step, default 128: without remat the step holds about 0.5 GiB of activations an
 # example, by bench/memory.py), STAGE_TIMEOUT (seconds per stage, default 150). The stages import
@@ -64,11 +66,13 @@ if ((dry_run)); then
         --config.model.scan=True --config.model.remat=True   # as coca_vit_b32 runs
         --config.model.remat_policy=dots_no_batch)
   floor=(--repeats=1 --min_time=0.001 --torch=false)
+  flash=xla          # cuDNN's kernel needs a GPU; the dry run checks the stage with XLA's
 else
   clip=(--config=configs/bench_vit_b16_clip.py "--config.batch_size=${BATCH:-128}")
   steps=(--steps=10 --warmup=3)
   coca=(--config=configs/coca_vit_b32.py --batch=32 "--lengths=8,32,64" "--beams=1,3" --repeats=3)
   floor=(--repeats=3 --torch=false)
+  flash=cudnn
 fi
 
 # run_stage NAME COMMAND...: the command's JSON lines go to results.jsonl with "stage": NAME; a
@@ -114,7 +118,9 @@ run_stage train_step/base "${python}" bench/train_step.py "${clip[@]}" "${steps[
     --config.model.scan=False --config.model.remat=False
 run_stage train_step/scan_remat "${python}" bench/train_step.py "${clip[@]}" "${steps[@]}" \
     --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch
-not_available train_step/flash_attention "attention through jax.nn.dot_product_attention is not implemented yet"
+run_stage train_step/flash_attention "${python}" bench/train_step.py "${clip[@]}" "${steps[@]}" \
+    --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch \
+    "--config.model.attention=${flash}"
 run_stage matmul_floor "${python}" bench/matmul_floor.py "${clip[@]}" "${floor[@]}" \
     --config.model.scan=False --config.model.remat=False   # the floor counts a straight line
 run_stage decode "${python}" bench/decode.py "${coca[@]}"

@@ -107,6 +107,47 @@ def test_remat_policies_change_memory_not_gradients(policy):
         dtype="float32", param_dtype="float32", remat=True, remat_policy="some", scan=False)))
 
 
+def test_dot_product_attention_matches_the_einsum_reference():
+  """model.attention='xla' (jax.nn.dot_product_attention) against the einsum path: outputs and
+  gradients, with a causal + padding mask, without a mask, and in a decoder block (cross-
+  attention, and step-by-step decoding with the KV cache)."""
+  x = jax.random.normal(jax.random.key(3), (2, 6, 16))
+  causal = jnp.tril(jnp.ones((6, 6), bool))[None, None]
+  padding = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)[:, None, None, :]
+  for mask in (causal & padding, None):
+    ref = layers.Encoder(**ENC)
+    params = nn.unbox(jax.jit(ref.init)(KEY, x, mask))
+    outs, grads = [], []
+    for impl in ("einsum", "xla"):
+      enc = layers.Encoder(**ENC, attention=impl)
+      loss = lambda p, enc=enc: jnp.sum(enc.apply(p, x, mask) ** 2)
+      outs.append(jax.jit(enc.apply)(params, x, mask))
+      grads.append(jax.jit(jax.grad(loss))(params))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+
+  context = jax.random.normal(jax.random.key(4), (2, 5, 16))
+  tokens = jax.random.normal(jax.random.key(5), (2, 4, 16))
+  blocks = {impl: layers.DecoderBlock(num_heads=2, mlp_dim=32, attention=impl)
+            for impl in ("einsum", "xla")}
+  params = nn.unbox(blocks["einsum"].init(KEY, tokens, context, causal[..., :4, :4]))
+  full = {impl: b.apply(params, tokens, context, causal[..., :4, :4]) for impl, b in blocks.items()}
+  np.testing.assert_allclose(full["xla"], full["einsum"], rtol=1e-5, atol=1e-5)
+  step = layers.DecoderBlock(num_heads=2, mlp_dim=32, attention="xla", decode=True)
+  cache = step.init(KEY, tokens, context)["cache"]
+  outs = []
+  for t in range(4):
+    y, mutated = step.apply({**params, "cache": cache}, tokens[:, t:t + 1], context,
+                            mutable=["cache"])
+    cache = mutated["cache"]
+    outs.append(y)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full["einsum"], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="model.attention: unknown implementation 'flash'"):
+    models.common_kwargs(ml_collections.ConfigDict(dict(
+        dtype="float32", param_dtype="float32", remat=False, remat_policy="full", scan=False,
+        attention="flash")))
+
+
 def test_bf16_compute_keeps_fp32_params():
   enc = layers.Encoder(**ENC, dtype=jnp.bfloat16)
   x = jnp.ones((1, 4, 16), jnp.bfloat16)

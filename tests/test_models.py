@@ -395,6 +395,22 @@ def test_remat_and_scan_models_match_plain(coca):
     np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-5, err_msg=k)
 
 
+def test_attention_implementations_give_the_same_model(coca, monkeypatch):
+  """model.attention='xla' reaches every tower (image, text with its padding mask, decoder)."""
+  model, variables, res = coca
+  images, text = batch()
+  calls = []
+  fused = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda q, *a, **k: calls.append(q.shape) or fused(q, *a, **k))
+  xla = build_model(tiny_config("coca", attention="xla"))
+  got = jax.jit(xla.apply)(nn.unbox(variables), images, text)
+  # 1 image block, 1 text block, 2 decoder blocks x (self, cross): 6 attentions, all fused.
+  assert len(calls) == 6, calls
+  for k, v in res["out"].items():
+    np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-5, err_msg=k)
+
+
 def test_tied_decoder_head_reuses_token_embedding():
   c = tiny_config("coca")
   c.model.decoder.tie_embeddings = True

@@ -39,7 +39,8 @@ def test_every_config_mistake_at_once(tmp_path, nothing_built):
       "mesh.fsdp": 3, "tokenizer.kind": "wordpiece", "model.image.num_heads": 5,
       "log_every_steps": 0, "data.image_size": 48,
       "init_from": str(tmp_path / "no_run"), "evals.run": "zeroshot,retreival,caption",
-      "evals.caption.beam_size": 0, "evals.caption.metrics": "bleu,spice"})
+      "evals.caption.beam_size": 0, "evals.caption.metrics": "bleu,spice",
+      "model.attention": "cudnn"})
   problems = _problems(config, tmp_path / "run")
   expected = [
       "loss.contrastive: unknown contrastive loss 'softmx'",
@@ -47,6 +48,7 @@ def test_every_config_mistake_at_once(tmp_path, nothing_built):
       "mesh: data=-1, fsdp=3, tensor=1 needs a device count divisible by 3",
       "schedule.kind: unknown schedule 'linear'",
       "schedule.warmup_fraction: 1.5 must be in [0, 1)",
+      "model.attention: 'cudnn' runs on GPUs only (this backend: cpu)",
       "log_every_steps: 0 must be >= 1",
       "freeze: '([' is not a valid regex",
       "init_from: ", "data.train_crop: unknown crop 'zoom'", "data.eval_crop: unknown crop 'squash'",

@@ -63,6 +63,7 @@ def shared_config() -> ml_collections.ConfigDict:
   c.param_dtype = "float32"
   c.remat = False                # nn.remat on every Transformer block
   c.remat_policy = "full"        # what remat keeps: 'full' (nothing) | 'dots' | 'dots_no_batch'
+  c.attention = "einsum"         # 'einsum' (reference) | 'xla' | 'cudnn' (jax.nn.dot_product_attention)
   c.scan = False                 # nn.scan over the Transformer blocks
   return c
 
@@ -85,9 +86,13 @@ def common_kwargs(model_config) -> dict:
   if policy not in layers.REMAT_POLICIES:
     raise ValueError(f"model.remat_policy: unknown policy {policy!r}; expected one of "
                      f"{', '.join(layers.REMAT_POLICIES)}")
+  attention = c.get("attention") or "einsum"
+  if attention not in layers.ATTENTION_IMPLS:
+    raise ValueError(f"model.attention: unknown implementation {attention!r}; expected one of "
+                     f"{', '.join(layers.ATTENTION_IMPLS)}")
   return dict(dtype=resolve_dtype(c.dtype, "model.dtype"),
               param_dtype=resolve_dtype(c.param_dtype, "model.param_dtype", backend="cpu"),
-              remat=policy if c.remat else False, scan=bool(c.scan))
+              remat=policy if c.remat else False, scan=bool(c.scan), attention=attention)
 
 
 __all__ = ["TOWERS", "tower_module", "tower_config", "build_tower", "shared_config",

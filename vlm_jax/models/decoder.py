@@ -50,6 +50,7 @@ class Decoder(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool | str = False      # False, or True / a name in layers.REMAT_POLICIES
   scan: bool = False
+  attention: str = "einsum"       # a name in layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, image_tokens: jax.Array, text: jax.Array, *, train: bool = False,
@@ -89,7 +90,7 @@ class Decoder(nn.Module):
         layers.DecoderBlock, self.depth, x, context, self_mask, None,
         remat=self.remat, scan=self.scan, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         act=self.act, ln_eps=self.ln_eps, use_bias=self.use_bias, dropout=self.dropout,
-        deterministic=not train, decode=decode, **kw)
+        deterministic=not train, decode=decode, attention=self.attention, **kw)
     x = layers.layer_norm("decoder_norm", self.ln_eps, True, **kw)(x)
 
     if self.tie_embeddings:
@@ -142,6 +143,7 @@ def forward_flops(cfg, *, vocab_size: int, length: int, context_tokens: int,
 
 def from_config(cfg, *, vocab_size: int, max_length: int, dtype: Dtype = jnp.float32,
                 param_dtype: Dtype = jnp.float32, remat: bool | str = False, scan: bool = False,
+                attention: str = "einsum",
                 name=None) -> Decoder:
   """Builds the decoder from `model.decoder` (see `default_config`) for a vocabulary of
   `vocab_size` ids and captions of up to `max_length` tokens."""
@@ -150,6 +152,6 @@ def from_config(cfg, *, vocab_size: int, max_length: int, dtype: Dtype = jnp.flo
       depth=int(cfg.depth), num_heads=int(cfg.num_heads), mlp_dim=int(cfg.mlp_dim),
       tie_embeddings=bool(cfg.tie_embeddings), act=cfg.act, ln_eps=float(cfg.ln_eps),
       use_bias=bool(cfg.use_bias), dropout=float(cfg.dropout), dtype=dtype,
-      param_dtype=param_dtype, remat=remat, scan=scan, name=name)
+      param_dtype=param_dtype, remat=remat, scan=scan, attention=attention, name=name)
   validate(d)
   return d

@@ -124,11 +124,16 @@ class Attention(nn.Module):
     first call (cache absent) creates zeroed cache buffers sized by its input length and computes
     the ordinary (masked) attention; later calls take one new token each, write its key/value at
     `cache_index` and attend to positions <= cache_index.
+  impl: how the scores are computed (`ATTENTION_IMPLS`): 'einsum' (the reference: two einsums,
+    logits and softmax in float32), 'xla' (`jax.nn.dot_product_attention`, XLA's fused
+    attention) or 'cudnn' (its cuDNN flash kernel: GPU, bf16 / fp16, head size <= 128; a boolean
+    mask becomes an additive bias there). All compute the same function.
   """
   num_heads: int
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  impl: str = "einsum"
 
   @nn.compact
   def __call__(self, x: Array, context: Optional[Array] = None, mask: Optional[Array] = None,
@@ -153,14 +158,21 @@ class Attention(nn.Module):
         raise ValueError("decode=True is only supported for self-attention")
       k, v, mask = self._update_cache(k, v, mask)
 
-    # Logits and softmax in float32 for stability, whatever the compute dtype.
-    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-      # A large finite negative (not -inf) keeps fully masked rows NaN-free.
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    if self.impl == "einsum":
+      # Logits and softmax in float32 for stability, whatever the compute dtype.
+      q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+      if mask is not None:
+        # A large finite negative (not -inf) keeps fully masked rows NaN-free.
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    else:
+      if mask is not None:
+        mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=mask, scale=head_dim ** -0.5,
+          implementation=ATTENTION_IMPLS[self.impl]).astype(self.dtype)
     out = nn.with_logical_constraint(out, qkv_axes)
     out = Projection((width,), (HEADS, KV, "embed"), in_dims=2, use_bias=self.use_bias,
                      dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
@@ -222,6 +234,7 @@ class EncoderBlock(nn.Module):
   deterministic: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "einsum"
   scan_carry: bool = False
 
   @nn.compact
@@ -229,7 +242,8 @@ class EncoderBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(x, ACT_AXES)
     y = layer_norm("ln_1", self.ln_eps, self.ln_bias, **kw)(x)
-    y = Attention(self.num_heads, use_bias=self.use_bias, name="attn", **kw)(y, mask=mask)
+    y = Attention(self.num_heads, use_bias=self.use_bias, impl=self.attention, name="attn",
+                  **kw)(y, mask=mask)
     x = x + nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     y = layer_norm("ln_2", self.ln_eps, self.ln_bias, **kw)(x)
     y = MLP(self.mlp_dim, act=self.act, use_bias=self.use_bias, name="mlp", **kw)(y)
@@ -251,6 +265,7 @@ class DecoderBlock(nn.Module):
   decode: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "einsum"
   scan_carry: bool = False
 
   @nn.compact
@@ -260,12 +275,12 @@ class DecoderBlock(nn.Module):
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     x = nn.with_logical_constraint(x, ACT_AXES)
     y = layer_norm("ln_1", self.ln_eps, self.ln_bias, **kw)(x)
-    y = Attention(self.num_heads, use_bias=self.use_bias, name="self_attn", **kw)(
-        y, mask=self_mask, decode=self.decode)
+    y = Attention(self.num_heads, use_bias=self.use_bias, impl=self.attention, name="self_attn",
+                  **kw)(y, mask=self_mask, decode=self.decode)
     x = x + drop(y)
     y = layer_norm("ln_2", self.ln_eps, self.ln_bias, **kw)(x)
-    y = Attention(self.num_heads, use_bias=self.use_bias, name="cross_attn", **kw)(
-        y, context=context, mask=context_mask)
+    y = Attention(self.num_heads, use_bias=self.use_bias, impl=self.attention, name="cross_attn",
+                  **kw)(y, context=context, mask=context_mask)
     x = x + drop(y)
     y = layer_norm("ln_3", self.ln_eps, self.ln_bias, **kw)(x)
     y = MLP(self.mlp_dim, act=self.act, use_bias=self.use_bias, name="mlp", **kw)(y)
@@ -288,6 +303,9 @@ def encoder_flops(tokens: int, width: int, depth: int, mlp: int, causal: bool) -
 # recomputed in the backward pass. 'full' keeps only the block's input (least memory, one more
 # forward); 'dots' keeps every matmul output; 'dots_no_batch' keeps the matmuls without a batch
 # dimension (MaxText's 'minimal').
+# model.attention -> the `implementation` of jax.nn.dot_product_attention ('einsum': our own).
+ATTENTION_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn"}
+
 REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_saveable,
@@ -376,11 +394,13 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool | str = False
   scan: bool = False
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array] = None, *, train: bool = False) -> Array:
     x = run_blocks(
         EncoderBlock, self.depth, x, mask, remat=self.remat, scan=self.scan,
+        attention=self.attention,
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, ln_eps=self.ln_eps,
         use_bias=self.use_bias, ln_bias=self.ln_bias, dropout=self.dropout,
         deterministic=not train, dtype=self.dtype, param_dtype=self.param_dtype)

@@ -76,6 +76,7 @@ class TextTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool | str = False      # False, or True / a name in layers.REMAT_POLICIES
   scan: bool = False
+  attention: str = "einsum"       # a name in layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, text: jax.Array, *, train: bool = False):
@@ -101,7 +102,7 @@ class TextTransformer(nn.Module):
     x = layers.Encoder(
         self.depth, self.num_heads, self.mlp_dim, act=self.act, ln_eps=self.ln_eps,
         use_bias=self.use_bias, dropout=self.dropout, remat=self.remat, scan=self.scan,
-        name="encoder", **kw)(x, mask, train=train)
+        attention=self.attention, name="encoder", **kw)(x, mask, train=train)
     return pool_tokens(x, text, self.pool, self.pad_id), x
 
 
@@ -148,6 +149,7 @@ def forward_flops(cfg) -> float:
 
 def from_config(cfg, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                 remat: bool | str = False, scan: bool = False,
+                attention: str = "einsum",
                 name: Optional[str] = None) -> TextTransformer:
   """Builds the text tower from `model.text` (see `default_config`)."""
   t = TextTransformer(
@@ -155,7 +157,7 @@ def from_config(cfg, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.flo
       width=int(cfg.width), depth=int(cfg.depth), num_heads=int(cfg.num_heads),
       mlp_dim=int(cfg.mlp_dim), causal=bool(cfg.causal), pool=cfg.pool, pad_id=int(cfg.pad_id),
       act=cfg.act, ln_eps=float(cfg.ln_eps), use_bias=bool(cfg.use_bias),
-      dropout=float(cfg.dropout), dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan,
+      dropout=float(cfg.dropout), dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan, attention=attention,
       name=name)
   validate(t)
   return t

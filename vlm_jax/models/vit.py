@@ -120,6 +120,7 @@ class ViT(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool | str = False      # False, or True / a name in layers.REMAT_POLICIES
   scan: bool = False
+  attention: str = "einsum"       # a name in layers.ATTENTION_IMPLS
 
   @property
   def grid(self) -> int:
@@ -167,7 +168,7 @@ class ViT(nn.Module):
     x = layers.Encoder(
         self.depth, self.num_heads, self.mlp_dim, act=self.act, ln_eps=self.ln_eps,
         use_bias=self.use_bias, dropout=self.dropout, remat=self.remat, scan=self.scan,
-        name="encoder", **kw)(x, train=train)
+        attention=self.attention, name="encoder", **kw)(x, train=train)
 
     tokens = x[:, num_tokens - n:]
     if self.pool == "cls":
@@ -258,13 +259,14 @@ def forward_flops(cfg) -> float:
 
 
 def from_config(cfg, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                remat: bool | str = False, scan: bool = False, name: Optional[str] = None) -> ViT:
+                remat: bool | str = False, scan: bool = False,
+                attention: str = "einsum", name: Optional[str] = None) -> ViT:
   """Builds the ViT from `model.image` (see `default_config`)."""
   vit = ViT(
       image_size=int(cfg.image_size), pool=cfg.pool, posemb=cfg.posemb,
       class_token=bool(cfg.class_token), ln_pre=bool(cfg.ln_pre), act=cfg.act,
       ln_eps=float(cfg.ln_eps), use_bias=bool(cfg.use_bias),
       patch_bias=bool(cfg.get("patch_bias", cfg.use_bias)), dropout=float(cfg.dropout),
-      dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan, name=name, **sizes(cfg))
+      dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan, attention=attention, name=name, **sizes(cfg))
   validate(vit)
   return vit
