@@ -18,7 +18,6 @@ import statistics
 import sys
 import time
 
-from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -82,19 +81,15 @@ def run(config, batch: int, lengths, beams, repeats: int, seed: int = 0) -> list
 def main(argv):
   del argv
   cli.start()
-  from vlm_jax import config_utils  # pylint: disable=g-import-not-at-top
-  spec = cli.config_spec()
-  if not spec:
-    raise app.UsageError("--config is required (e.g. configs/coca_vit_b32.py)")
-  config = config_utils.load_config(spec, cli.config_overrides())
   f = {k: v.value for k, v in _FLAGS.items()}
   try:
+    config = cli.load_config()
     records = run(config, f["batch"], [int(x) for x in f["lengths"]],
                   [int(x) for x in f["beams"]], f["repeats"], f["seed"])
   except ValueError as e:
     cli.fail(e)
   for record in records:
-    synthetic.emit({"config": spec, **record})
+    synthetic.emit({"config": synthetic.config_spec(sys.argv), **record})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -81,16 +80,11 @@ def measure(config) -> dict:
 def main(argv):
   del argv
   cli.start()
-  from vlm_jax import config_utils  # pylint: disable=g-import-not-at-top
-  spec = cli.config_spec()
-  if not spec:
-    raise app.UsageError("--config is required")
-  config = config_utils.load_config(spec, cli.config_overrides())
   try:
-    record = measure(config)
+    record = measure(cli.load_config())
   except ValueError as e:
     cli.fail(e)
-  synthetic.emit({"config": spec, **record})
+  synthetic.emit({"config": synthetic.config_spec(sys.argv), **record})
 
 
 if __name__ == "__main__":

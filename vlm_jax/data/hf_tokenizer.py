@@ -125,17 +125,8 @@ class HFTokenizer:
 
   def encode(self, texts, length: int) -> np.ndarray:
     """Texts -> int32 [N, length]: `bos ids eos pad...`, cut before the eos when too long."""
-    if length < 2:
-      raise ValueError(f"tokenizer: length {length} leaves no room for bos and eos "
-                       "(model.text.context_length must be >= 2)")
-    prefix = [self._bos] if self._bos >= 0 else []
-    room = length - len(prefix) - 1
-    pieces = self.tokenize(texts)
-    out = np.full((len(pieces), length), self._pad, np.int32)
-    for i, ids in enumerate(pieces):
-      row = prefix + ids[:room] + [self._eos]
-      out[i, :len(row)] = row
-    return out
+    from vlm_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+    return tokenizer.pack(self.tokenize(texts), length, self._bos, self._eos, self._pad)
 
   def decode(self, ids) -> list:
     """int ids [N, L] (or one sequence) -> N texts, each read up to its first eos; bos and pad

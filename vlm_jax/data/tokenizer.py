@@ -39,6 +39,21 @@ def _as_texts(texts):
   return [_as_text(t, i) for i, t in enumerate(texts)]
 
 
+def pack(pieces, length: int, bos_id: int, eos_id: int, pad_id: int) -> np.ndarray:
+  """Ragged ids -> int32 [N, length]: `bos ids eos pad...` (no bos when bos_id < 0). A row too
+  long is cut before its eos, so every row keeps it."""
+  if length < 2:
+    raise ValueError(f"tokenizer: length {length} leaves no room for bos and eos "
+                     "(model.text.context_length must be >= 2)")
+  prefix = [bos_id] if bos_id >= 0 else []
+  room = length - len(prefix) - 1
+  out = np.full((len(pieces), length), pad_id, np.int32)
+  for i, ids in enumerate(pieces):
+    row = prefix + list(ids[:room]) + [eos_id]
+    out[i, :len(row)] = row
+  return out
+
+
 class Tokenizer:
   """A loaded SentencePiece model with fixed-length encoding.
 
@@ -120,17 +135,7 @@ class Tokenizer:
   def encode(self, texts, length):
     """Texts -> int32 [N, length]: `bos ids eos pad...`; too long texts are cut before the eos,
     so every row keeps its eos (the text towers pool at it and the decoder learns to stop)."""
-    if length < 2:
-      raise ValueError(f"tokenizer: length {length} leaves no room for bos and eos "
-                       "(model.text.context_length must be >= 2)")
-    prefix = [self.bos_id] if self.bos_id >= 0 else []
-    room = length - len(prefix) - 1
-    pieces = self.tokenize(texts)
-    out = np.full((len(pieces), length), self.pad_id, np.int32)
-    for i, ids in enumerate(pieces):
-      row = prefix + ids[:room] + [self.eos_id]
-      out[i, :len(row)] = row
-    return out
+    return pack(self.tokenize(texts), length, self.bos_id, self.eos_id, self.pad_id)
 
   def decode(self, ids):
     """int ids [N, L] (or a list of id lists; 1-D = one sequence) -> N texts.
