@@ -6,35 +6,15 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import tensorflow_datasets as tfds
-from PIL import Image
 
-from data_fixtures import shapes_data_dir  # pylint: disable=unused-import
 from train_utils import REPO, flag_args, subprocess_env, tiny_overrides
 from vlm_jax import config_utils
 from vlm_jax import runtime
 from vlm_jax import train
-from vlm_jax.data import shapes
+from vlm_jax.data import write_shapes
 
 STEPS = 8
-
-
-def write_image_folder(data_dir, split, root):
-  """root/<class name with underscores>/<i>.png for every image of shapes/tiny `split`."""
-  names = [n.replace(" ", "_") for n in shapes.class_names()]
-  data = tfds.data_source("shapes/tiny", split=split, data_dir=data_dir)
-  for i in range(len(data)):
-    folder = os.path.join(root, names[int(data[i]["label"])])
-    os.makedirs(folder, exist_ok=True)
-    image = data[i]["image"]
-    if isinstance(image, bytes):
-      with open(os.path.join(folder, f"{i}.png"), "wb") as f:
-        f.write(image)
-    else:
-      Image.fromarray(np.asarray(image)).save(os.path.join(folder, f"{i}.png"))
-  return sorted(os.listdir(root))
 
 
 def _run(args, timeout=600):
@@ -45,10 +25,10 @@ def _run(args, timeout=600):
 
 
 @pytest.mark.slow
-def test_image_folder_classifier_trains_evaluates_and_predicts(shapes_data_dir, tmp_path):
+def test_image_folder_classifier_trains_evaluates_and_predicts(tmp_path):
   train_dir, eval_dir = str(tmp_path / "train"), str(tmp_path / "val")
-  classes = write_image_folder(shapes_data_dir, "train", train_dir)
-  write_image_folder(shapes_data_dir, "test", eval_dir)
+  classes = write_shapes.write("imagefolder", train_dir, "tiny", "train")
+  write_shapes.write("imagefolder", eval_dir, "tiny", "test")
   workdir = str(tmp_path / "run")
   overrides = tiny_overrides(None, kind="classify", total_steps=STEPS, log_every_steps=4,
                              checkpoint_every_steps=4, schedule__warmup_steps=2,
