@@ -101,7 +101,8 @@ def data_config() -> ml_collections.ConfigDict:
   c.mean = (0.5, 0.5, 0.5)       # OpenAI CLIP: (0.48145466, 0.4578275, 0.40821073)
   c.std = (0.5, 0.5, 0.5)        # OpenAI CLIP: (0.26862954, 0.26130258, 0.27577711)
   c.train_crop = "random_resized"  # 'random_resized' | 'resize' (eval: resize + centre crop)
-  c.eval_crop = "center"         # 'center' (central square, resize) | 'openai' (bicubic short side, crop)
+  c.eval_crop = "center"         # 'center' (central square, resize) | 'openai' (bicubic short
+                                 # side, crop) | 'resize' (the whole image, as SigLIP)
   c.min_scale = 0.9              # random-resized-crop area range [min_scale, max_scale]
   c.max_scale = 1.0
   # Order, parallelism, prefetch.
@@ -121,6 +122,8 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.model_path = placeholder(str)  # None: a SentencePiece model trained on the training captions
   c.vocab_size = 1024            # size of a tokenizer trained here
   c.context_length = 32
+  c.pad = "pad"                  # 'pad' (the pad id) | 'eos' (pad with eos, as SigLIP)
+  c.canonicalize = False         # lower-case, drop punctuation first (SigLIP)
   return c
 
 

@@ -1,5 +1,5 @@
-"""CLIP architectures: named OpenAI / OpenCLIP models, their description files, and the vlm_jax
-config they become.
+"""CLIP / SigLIP architectures: named OpenAI / OpenCLIP models, their description files, and the
+vlm_jax config they become.
 
 `ClipArch` holds everything that decides the parameter shapes and the forward pass. It comes
 from a model name (`ViT-B-32`, ...), an OpenCLIP model-config JSON (`{"embed_dim": ...,
@@ -10,6 +10,13 @@ The named models follow OpenCLIP's model configs: the `-quickgelu` variants (Qui
 OpenAI's own weights need) and the plain ones (exact GELU, used by most OpenCLIP/LAION
 weights). All use a class token with `ln_pre`, LayerNorm eps 1e-5, a causal text tower pooled at
 its eos (the largest id), vocabulary 49408, context 77, 64-dim vision heads and MLP ratio 4.
+
+A SigLIP (`family='siglip'`, from a Hugging Face `SiglipModel` config.json; SigLIP 2's
+fixed-resolution checkpoints have the same layout) differs: no class token and no ln_pre, a
+biased patch embedding, MAP-head pooling that ends the image tower (no image projection, so
+embed_dim is the vision width), a bidirectional text tower pooled at its last position with no
+padding mask and a biased head, a learned logit bias, the sigmoid loss, an uncapped temperature,
+gelu_tanh, LayerNorm eps 1e-6, and images resized whole to the square and scaled to [-1, 1].
 """
 from __future__ import annotations
 
@@ -22,11 +29,15 @@ from vlm_jax.convert.common import ConversionError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+FAMILIES = ("clip", "siglip")
+# SigLIP never clips its temperature; a cap no trained model reaches keeps the field a float.
+UNCAPPED_LOGIT_SCALE = 1e6
 
 
 @dataclasses.dataclass(frozen=True)
 class ClipArch:
-  """A ViT CLIP (OpenAI layout: class token, ln_pre, pre-LN blocks, plain projections)."""
+  """A ViT two-tower model: a CLIP (OpenAI layout: class token, ln_pre, pre-LN blocks, plain
+  projections) or, with family='siglip', a SigLIP (see the module docstring)."""
   embed_dim: int
   image_size: int
   patch_size: int
@@ -44,10 +55,15 @@ class ClipArch:
   text_act: str = "gelu"
   vision_ln_eps: float = 1e-5
   text_ln_eps: float = 1e-5
+  family: str = "clip"            # 'clip' | 'siglip'
 
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
+
+  @property
+  def siglip(self) -> bool:
+    return self.family == "siglip"
 
   def describe(self) -> dict:
     return dataclasses.asdict(self)
@@ -119,13 +135,8 @@ def arch_from_hf_config(d: dict, source: str = "config.json") -> ClipArch:
   """A Hugging Face CLIPConfig dict (config.json of a CLIPModel)."""
   try:
     v, t = d["vision_config"], d["text_config"]
-    acts = {}
-    for tower, cfg in (("vision", v), ("text", t)):
-      act = cfg.get("hidden_act", "quick_gelu")
-      if act not in _HF_ACTS:
-        raise ConversionError(f"convert: {source}: {tower}_config.hidden_act={act!r} is not "
-                              f"supported; expected one of {', '.join(_HF_ACTS)}")
-      acts[tower] = _HF_ACTS[act]
+    acts = {tower: _hf_act(cfg, tower, source, "quick_gelu")
+            for tower, cfg in (("vision", v), ("text", t))}
     vocab = int(t.get("vocab_size", 49408))
     eos = t.get("eos_token_id", 2)
     if eos not in (2, vocab - 1):
@@ -148,6 +159,59 @@ def arch_from_hf_config(d: dict, source: str = "config.json") -> ClipArch:
         text_ln_eps=float(t.get("layer_norm_eps", 1e-5)))
   except KeyError as e:
     raise ConversionError(f"convert: {source}: not a Hugging Face CLIP config (missing {e})") from e
+
+
+def _hf_act(cfg: dict, tower: str, source: str, default: str) -> str:
+  act = cfg.get("hidden_act", default)
+  if act not in _HF_ACTS:
+    raise ConversionError(f"convert: {source}: {tower}_config.hidden_act={act!r} is not "
+                          f"supported; expected one of {', '.join(_HF_ACTS)}")
+  return _HF_ACTS[act]
+
+
+def arch_from_hf_siglip_config(d: dict, source: str = "config.json") -> ClipArch:
+  """A Hugging Face SiglipConfig dict (config.json of a SiglipModel; SigLIP 2's
+  fixed-resolution checkpoints use the same model)."""
+  v, t = d.get("vision_config") or {}, d.get("text_config") or {}
+  if not v.get("vision_use_head", True):
+    raise ConversionError(f"convert: {source}: vision_config.vision_use_head=false (no MAP head) "
+                          "is not supported: a SiglipModel embeds images with its head")
+  width = int(v.get("hidden_size", 768))
+  text_width = int(t.get("hidden_size", 768))
+  projection = int(t.get("projection_size") or text_width)
+  if projection != width:
+    raise ConversionError(f"convert: {source}: text_config.projection_size={projection} differs "
+                          f"from vision_config.hidden_size={width}; the two embeddings of a "
+                          "SiglipModel must have the same size")
+  return ClipArch(
+      embed_dim=width, image_size=int(v.get("image_size", 224)),
+      patch_size=int(v.get("patch_size", 16)), vision_width=width,
+      vision_layers=int(v.get("num_hidden_layers", 12)),
+      vision_heads=int(v.get("num_attention_heads", 12)),
+      vision_mlp=int(v.get("intermediate_size", 3072)),
+      text_width=text_width, text_layers=int(t.get("num_hidden_layers", 12)),
+      text_heads=int(t.get("num_attention_heads", 12)),
+      text_mlp=int(t.get("intermediate_size", 3072)), vocab_size=int(t.get("vocab_size", 32000)),
+      context_length=int(t.get("max_position_embeddings", 64)),
+      vision_act=_hf_act(v, "vision", source, "gelu_pytorch_tanh"),
+      text_act=_hf_act(t, "text", source, "gelu_pytorch_tanh"),
+      vision_ln_eps=float(v.get("layer_norm_eps", 1e-6)),
+      text_ln_eps=float(t.get("layer_norm_eps", 1e-6)), family="siglip")
+
+
+def arch_from_hf_json(d: dict, source: str) -> ClipArch:
+  """A Hugging Face config.json: a CLIPModel's or a SiglipModel's (by its model_type)."""
+  model_type = d.get("model_type", "clip")
+  if model_type == "siglip":
+    return arch_from_hf_siglip_config(d, source)
+  if model_type == "siglip2":
+    raise ConversionError(f"convert: {source}: model_type 'siglip2' is SigLIP 2's NaFlex "
+                          "(variable resolution) model, which is not supported; SigLIP 2's "
+                          "fixed-resolution checkpoints (model_type 'siglip') are")
+  if model_type != "clip":
+    raise ConversionError(f"convert: {source}: model_type {model_type!r} is not supported; "
+                          "expected 'clip' (CLIPModel) or 'siglip' (SiglipModel)")
+  return arch_from_hf_config(d, source)
 
 
 def resolve_arch(model: str | None, fmt: str, checkpoint: str) -> tuple[ClipArch, str]:
@@ -177,12 +241,12 @@ def resolve_arch(model: str | None, fmt: str, checkpoint: str) -> tuple[ClipArch
     if not isinstance(d, dict):
       raise ConversionError(f"convert: --model {model}: expected a JSON object")
     if "vision_config" in d and "text_config" in d:
-      return arch_from_hf_config(d, model), model
+      return arch_from_hf_json(d, model), model
     if "vision_cfg" in d and "text_cfg" in d:
       return arch_from_openclip_json(d, model), model
     raise ConversionError(f"convert: --model {model}: neither an OpenCLIP model config "
-                          "(vision_cfg/text_cfg) nor a Hugging Face CLIP config "
-                          "(vision_config/text_config)")
+                          "(vision_cfg/text_cfg) nor a Hugging Face CLIPModel / SiglipModel "
+                          "config (vision_config/text_config)")
   raise ConversionError(f"convert: --model {model!r}: unknown model; expected one of "
                         f"{', '.join(NAMED_MODELS)}, or a .json model description")
 
@@ -209,34 +273,47 @@ def to_config(arch: ClipArch, *, tokenizer_path: str | None = None):
   """The vlm_jax config of a converted model (complete, locked).
 
   The model fields reproduce the original forward pass exactly; data / evals defaults use the
-  OpenAI preprocessing (bicubic resize of the short side, centre crop, OpenAI mean/std).
+  original's evaluation preprocessing (CLIP: OpenAI's bicubic resize of the short side, centre
+  crop, OpenAI mean/std; SigLIP: the whole image resized, scaled to [-1, 1]).
   """
   from vlm_jax import config_utils  # pylint: disable=g-import-not-at-top
-  user = {
-      "task": "contrastive",
-      "model": {
-          "embed_dim": arch.embed_dim, "proj_bias": False, "logit_scale_init": math.log(1 / 0.07),
-          "max_logit_scale": 100.0, "dtype": "auto",
-          "image": {"name": "vit", "variant": f"B/{arch.patch_size}",
-                    "image_size": arch.image_size, "pool": "cls", "width": arch.vision_width,
-                    "depth": arch.vision_layers, "num_heads": arch.vision_heads,
-                    "mlp_dim": arch.vision_mlp, "class_token": True, "ln_pre": True,
-                    "act": arch.vision_act, "ln_eps": arch.vision_ln_eps, "use_bias": True,
-                    "posemb": "learn", "patch_bias": False},
-          # OpenAI CLIP never masks padding (causal attention, pooled at the eos) and its pad
-          # id 0 is also a real token (the '!' byte symbol); -1 matches no token, so nothing is
-          # masked, exactly as in the original. The tokenizer still pads with 0.
-          "text": {"name": "transformer", "vocab_size": arch.vocab_size,
-                   "context_length": arch.context_length, "width": arch.text_width,
-                   "depth": arch.text_layers, "num_heads": arch.text_heads,
-                   "mlp_dim": arch.text_mlp, "causal": True, "pool": "eos", "act": arch.text_act,
-                   "ln_eps": arch.text_ln_eps, "use_bias": True, "pad_id": -1},
-      },
-      "loss": {"contrastive": "softmax"},
-      "data": {"image_size": arch.image_size, "mean": OPENAI_MEAN, "std": OPENAI_STD,
-               "eval_crop": "openai"},
-      "tokenizer": {"kind": "bpe", "vocab_size": arch.vocab_size,
-                    "context_length": arch.context_length, "model_path": tokenizer_path},
-      "evals": {"run": "zeroshot"},
-  }
+  image = {"name": "vit", "variant": f"B/{arch.patch_size}", "image_size": arch.image_size,
+           "width": arch.vision_width, "depth": arch.vision_layers,
+           "num_heads": arch.vision_heads, "mlp_dim": arch.vision_mlp, "act": arch.vision_act,
+           "ln_eps": arch.vision_ln_eps, "use_bias": True, "posemb": "learn"}
+  text = {"name": "transformer", "vocab_size": arch.vocab_size,
+          "context_length": arch.context_length, "width": arch.text_width,
+          "depth": arch.text_layers, "num_heads": arch.text_heads, "mlp_dim": arch.text_mlp,
+          "act": arch.text_act, "ln_eps": arch.text_ln_eps, "use_bias": True,
+          # Neither original masks padding: OpenAI CLIP is causal and pooled at its eos (and its
+          # pad id 0 is also a real token, the '!' byte symbol), SigLIP reads its last position
+          # (padding, written as eos, included). -1 matches no token, so nothing is masked,
+          # exactly as in the originals; the tokenizer still pads.
+          "pad_id": -1}
+  if arch.siglip:
+    image.update(pool="map", class_token=False, ln_pre=False, patch_bias=True)
+    text.update(causal=False, pool="last")
+    model = {"embed_dim": arch.embed_dim, "proj_bias": True, "image_proj": False,
+             "logit_scale_init": math.log(10.0), "logit_bias_init": -10.0,
+             "max_logit_scale": UNCAPPED_LOGIT_SCALE}
+    loss = {"contrastive": "sigmoid"}
+    data = {"image_size": arch.image_size, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+            "train_crop": "resize", "eval_crop": "resize"}
+    # SigLIP's SentencePiece model pads with its eos ("sticky" eos), lower-cases and drops
+    # punctuation (Hugging Face's SiglipTokenizer); a tokenizer.json carries its own rules.
+    tokenizer = {"kind": "sentencepiece", "pad": "eos", "canonicalize": True}
+  else:
+    image.update(pool="cls", class_token=True, ln_pre=True, patch_bias=False)
+    text.update(causal=True, pool="eos")
+    model = {"embed_dim": arch.embed_dim, "proj_bias": False,
+             "logit_scale_init": math.log(1 / 0.07), "max_logit_scale": 100.0}
+    loss = {"contrastive": "softmax"}
+    data = {"image_size": arch.image_size, "mean": OPENAI_MEAN, "std": OPENAI_STD,
+            "eval_crop": "openai"}
+    tokenizer = {"kind": "bpe"}
+  model.update(dtype="auto", image=image, text=text)
+  tokenizer.update(vocab_size=arch.vocab_size, context_length=arch.context_length,
+                   model_path=tokenizer_path)
+  user = {"task": "contrastive", "model": model, "loss": loss, "data": data,
+          "tokenizer": tokenizer, "evals": {"run": "zeroshot"}}
   return config_utils.complete(user, source="convert")

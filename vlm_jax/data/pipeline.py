@@ -41,7 +41,7 @@ from vlm_jax.data.ops import BadExample
 
 _STATE_VERSION = 1
 TRAIN_CROPS = ("random_resized", "resize")
-EVAL_CROPS = ("center", "openai")
+EVAL_CROPS = ("center", "openai", "resize")
 _MAX_LOGGED_KEYS = 1000
 
 
@@ -120,6 +120,7 @@ class Preprocess:
     else:
       # 'center': central square, then resize. 'openai': bicubic resize of the short side, then
       # centre crop, as OpenAI's CLIP transform (for imported weights; pixel-exact with theirs).
+      # 'resize': the whole image to a square, no crop (SigLIP's evaluation transform).
       self.crop = data_config.eval_crop
       if self.crop not in EVAL_CROPS:
         raise ValueError(f"data.eval_crop: unknown crop {self.crop!r}; expected one of "

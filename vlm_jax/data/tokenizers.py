@@ -9,11 +9,18 @@ Kinds (`config.tokenizer.kind`):
 
 A run keeps its tokenizer's bytes in WORKDIR/tokenizer.model and in every checkpoint's metadata,
 so evaluating it never depends on a file that may have moved.
+
+Two text rules sit on top of any kind (`with_rules`): `tokenizer.pad='eos'` pads with the eos id
+(big_vision's "sticky" eos, which SigLIP was trained with: its text tower reads the last
+position, padding included) and `tokenizer.canonicalize=True` lower-cases, drops ASCII
+punctuation and collapses whitespace before tokenizing (SigLIP's text normalisation).
 """
 from __future__ import annotations
 
 import base64
 import os
+import re
+import string
 import tempfile
 from typing import Callable, Optional
 
@@ -27,6 +34,58 @@ NEEDS_FILE = {
            "open_clip_torch and openai-clip packages)",
     "hf": "a tokenizer.json, or a folder with one (or vocab.json + merges.txt, or vocab.txt)",
 }
+
+
+PADS = ("pad", "eos")
+
+
+def canonicalize(text: str) -> str:
+  """Lower-case, ASCII punctuation removed, whitespace collapsed (SigLIP's text rule)."""
+  text = text.lower().translate(str.maketrans("", "", string.punctuation))
+  return re.sub(r"\s+", " ", text).strip()
+
+
+class WithRules:
+  """A tokenizer of any kind with the text rules of `config.tokenizer` (see the module
+  docstring); everything else is the wrapped tokenizer's."""
+
+  def __init__(self, tok, pad: str = "pad", canonicalize_text: bool = False):
+    self.tok, self.pad, self.canonicalize_text = tok, pad, canonicalize_text
+
+  def __getattr__(self, name):      # vocab_size, eos_id, decode, to_bytes, model_proto, ...
+    if name == "tok":               # not set yet (unpickling): no recursion
+      raise AttributeError(name)
+    return getattr(self.tok, name)
+
+  @property
+  def pad_id(self) -> int:
+    return self.tok.eos_id if self.pad == "eos" else self.tok.pad_id
+
+  def __repr__(self):
+    return f"{self.tok!r} with pad={self.pad!r}, canonicalize={self.canonicalize_text}"
+
+  def tokenize(self, texts) -> list:
+    if self.canonicalize_text:
+      texts = [canonicalize(t.decode("utf-8") if isinstance(t, bytes) else str(t))
+               for t in ([texts] if isinstance(texts, (str, bytes)) else texts)]
+    return self.tok.tokenize(texts)
+
+  def encode(self, texts, length: int):
+    from vlm_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+    return tokenizer.pack(self.tokenize(texts), length, self.tok.bos_id, self.tok.eos_id,
+                          self.pad_id)
+
+
+def with_rules(tok, tok_config):
+  """`tok` with the text rules `tokenizer.pad` / `tokenizer.canonicalize` ask for (unchanged
+  when they are the defaults)."""
+  pad = tok_config.get("pad") or "pad"
+  if pad not in PADS:
+    raise ValueError(f"tokenizer.pad: unknown padding {pad!r}; expected one of {', '.join(PADS)}")
+  canon = bool(tok_config.get("canonicalize"))
+  if pad == "pad" and not canon:
+    return tok
+  return WithRules(tok, pad, canon)
 
 
 def check_kind(kind: str) -> str:
@@ -86,16 +145,21 @@ def for_training(config, workdir: str, training_texts: Callable[[], list]):
   t = config.tokenizer
   kind = check_kind(t.kind)
   if t.model_path:
-    return read(kind, t.model_path)
+    return with_rules(read(kind, t.model_path), t)
   if kind != "sentencepiece":
     raise ValueError(f"tokenizer.model_path: tokenizer.kind={kind!r} needs {NEEDS_FILE[kind]}")
   from vlm_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
-  return tokenizer.get_or_train(os.path.join(workdir, FILENAME), training_texts, t.vocab_size)
+  return with_rules(tokenizer.get_or_train(os.path.join(workdir, FILENAME), training_texts,
+                                           t.vocab_size), t)
 
 
 def for_checkpoint(config, workdir: Optional[str], meta: Optional[dict] = None):
-  """The tokenizer of a saved run, from (first found): WORKDIR/tokenizer.model, the copy in the
-  checkpoint's metadata, or the config's `tokenizer.model_path`."""
+  """The tokenizer of a saved run (with its text rules), from (first found): WORKDIR/
+  tokenizer.model, the copy in the checkpoint's metadata, or the config's `tokenizer.model_path`."""
+  return with_rules(_stored(config, workdir, meta), config.get("tokenizer") or {})
+
+
+def _stored(config, workdir: Optional[str], meta: Optional[dict]):
   tok_cfg = config.get("tokenizer") or {}
   kind = check_kind((meta or {}).get("tokenizer_kind") or tok_cfg.get("kind", "sentencepiece"))
   looked = []

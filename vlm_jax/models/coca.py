@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.models.captioner import CaptionMethods
-from vlm_jax.models.two_tower import TwoTower, l2_normalize
+from vlm_jax.models.two_tower import TwoTower
 
 
 class CoCa(CaptionMethods, TwoTower):
@@ -27,7 +27,7 @@ class CoCa(CaptionMethods, TwoTower):
 
   def __call__(self, images: jax.Array, text: jax.Array, *, train: bool = False) -> dict:
     pooled, tokens = self.image(images, train=train)
-    return dict(image_embed=l2_normalize(self.image_projection(pooled)),
+    return dict(image_embed=self.embed_pooled_image(pooled),
                 text_embed=self.encode_texts(text, train=train),
                 caption_logits=self.decode(tokens, text, train=train),
                 **self.logits_params())

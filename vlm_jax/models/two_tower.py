@@ -4,7 +4,8 @@ image tower (ViT) -> pooled [B, Wimg] -> image_projection -> L2 normalise -> ima
 text tower        -> pooled [B, Wtxt] -> text_projection  -> L2 normalise -> text_embed  [B, D]
 
 Top-level parameter names: image/..., text/..., image_projection/kernel [Wimg, D] and
-text_projection/kernel [Wtxt, D] (plain matrices unless `proj_bias`), logit_scale (scalar,
+text_projection/kernel [Wtxt, D] (plain matrices unless `proj_bias`; no image_projection when
+`image_proj=False`, as in SigLIP, whose image tower ends in its MAP head), logit_scale (scalar,
 log of the temperature's inverse), logit_bias (scalar; only when `logit_bias_init` is set, i.e.
 SigLIP).
 
@@ -37,6 +38,7 @@ class TwoTower(nn.Module):
   text: Optional[nn.Module] = None        # a text.TextTransformer
   embed_dim: int = 512
   proj_bias: bool = False
+  image_proj: bool = True                 # False: the pooled image features are the embedding
   logit_scale_init: float = 0.0
   logit_bias_init: Optional[float] = None
   max_logit_scale: float = 100.0
@@ -47,7 +49,8 @@ class TwoTower(nn.Module):
     proj = lambda name: layers.dense(
         self.embed_dim, ("embed", "joint"), use_bias=self.proj_bias, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name, kernel_init=nn.initializers.lecun_normal())
-    self.image_projection = proj("image_projection")
+    if self.image_proj:
+      self.image_projection = proj("image_projection")
     self.text_projection = proj("text_projection")
     self.log_scale = self.param(
         "logit_scale", layers.partitioned(nn.initializers.constant(self.logit_scale_init), ()),
@@ -57,10 +60,14 @@ class TwoTower(nn.Module):
           "logit_bias", layers.partitioned(nn.initializers.constant(self.logit_bias_init), ()),
           (), self.param_dtype)
 
+  def embed_pooled_image(self, pooled: jax.Array) -> jax.Array:
+    """The image tower's pooled output [B, Wimg] -> L2-normalised float32 embeddings [B, D]."""
+    return l2_normalize(self.image_projection(pooled) if self.image_proj else pooled)
+
   def encode_images(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """images [B, H, W, 3] -> L2-normalised float32 embeddings [B, D]."""
     pooled, _ = self.image(images, train=train)
-    return l2_normalize(self.image_projection(pooled))
+    return self.embed_pooled_image(pooled)
 
   def image_features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """images -> the image tower's pooled output [B, Wimg], before the projection."""

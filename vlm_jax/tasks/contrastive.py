@@ -41,6 +41,9 @@ class ContrastiveTask(base.Task):
     c = ml_collections.ConfigDict()
     c.embed_dim = 64
     c.proj_bias = False            # projections to the joint space are plain matrices
+    # False: no image projection, the pooled image features are the embedding (SigLIP, whose
+    # MAP head ends the image tower); embed_dim must then equal the image tower's width.
+    c.image_proj = True
     c.logit_scale_init = math.log(1 / 0.07)      # SigLIP: log(10)
     c.logit_bias_init = placeholder(float)       # SigLIP: -10; None = no bias parameter
     c.max_logit_scale = 100.0      # temperature cap (CLIP)
@@ -64,6 +67,12 @@ class ContrastiveTask(base.Task):
     if config.loss.contrastive not in kinds:
       problems.append(f"loss.contrastive: unknown contrastive loss {config.loss.contrastive!r}; "
                       f"expected one of {', '.join(kinds)}")
+    if not config.model.image_proj:
+      image_width = models.tower_module("image", config.model.image.name,
+                                        "model.image.name").width(config.model.image)
+      if image_width != int(config.model.embed_dim):
+        problems.append(f"model.image_proj: False needs model.embed_dim ({config.model.embed_dim}) "
+                        f"to equal the image tower's width ({image_width})")
     if config.loss.contrastive_impl not in losses.CONTRASTIVE_IMPLS:
       problems.append(f"loss.contrastive_impl: unknown implementation "
                       f"{config.loss.contrastive_impl!r}; expected one of "
@@ -85,7 +94,7 @@ class ContrastiveTask(base.Task):
     return dict(
         image=models.build_tower("image", m.image, "model.image", **common),
         text=models.build_tower("text", m.text, "model.text", **common),
-        embed_dim=int(m.embed_dim), proj_bias=bool(m.proj_bias),
+        embed_dim=int(m.embed_dim), proj_bias=bool(m.proj_bias), image_proj=bool(m.image_proj),
         logit_scale_init=float(m.logit_scale_init),
         logit_bias_init=None if m.logit_bias_init is None else float(m.logit_bias_init),
         max_logit_scale=float(m.max_logit_scale), dtype=common["dtype"],
@@ -143,7 +152,7 @@ class ContrastiveTask(base.Task):
     image = models.tower_module("image", m.image.name, "model.image.name")
     text = models.tower_module("text", m.text.name, "model.text.name")
     f = image.forward_flops(m.image) + text.forward_flops(m.text)
-    f += 2 * (image.width(m.image) + text.width(m.text)) * int(m.embed_dim)   # projections
+    f += 2 * (image.width(m.image) * bool(m.image_proj) + text.width(m.text)) * int(m.embed_dim)
     f += 2 * 2 * int(config.batch_size) * int(m.embed_dim)                   # logits row + col
     return f
 
