@@ -28,16 +28,16 @@ TEXT = dict(hidden_size=40, num_hidden_layers=3, num_attention_heads=5, intermed
 TOL = 1e-4
 
 
-def siglip_config():
+def siglip_config(vocab=VOCAB):
   return transformers.SiglipConfig(
-      text_config=dict(vocab_size=VOCAB, max_position_embeddings=CONTEXT,
+      text_config=dict(vocab_size=vocab, max_position_embeddings=CONTEXT,
                        projection_size=VISION["hidden_size"], **TEXT),
       vision_config=dict(image_size=IMAGE, patch_size=PATCH, **VISION))
 
 
-def random_siglip(seed=0):
+def random_siglip(seed=0, vocab=VOCAB):
   torch.manual_seed(seed)
-  model = transformers.SiglipModel(siglip_config()).eval()
+  model = transformers.SiglipModel(siglip_config(vocab)).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if ("norm" in name or "layernorm" in name) and name.endswith("weight"):
@@ -142,3 +142,157 @@ def test_siglip_tokenizer_matches_transformers(tmp_path):
   np.testing.assert_array_equal(again.encode(texts, CONTEXT), ours.encode(texts, CONTEXT))
   with pytest.raises(ValueError, match="tokenizer.pad"):
     tokenizers.with_rules(ours.tok, {"pad": "zeros"})
+
+
+def hf_to_big_vision(hf_state, scan=False):
+  """A SiglipModel state dict written in big_vision's two-tower .npz layout (an independent
+  mapping: torch Linear [out, in] -> Flax [in, heads, head_dim] etc.)."""
+  h = {k: v.detach().numpy().astype(np.float32) for k, v in hf_state.items()}
+  out = {}
+
+  def block(dst, src, width, heads):
+    hd = width // heads
+    out[f"{dst}/LayerNorm_0/scale"], out[f"{dst}/LayerNorm_0/bias"] = (
+        h[f"{src}.layer_norm1.weight"], h[f"{src}.layer_norm1.bias"])
+    out[f"{dst}/LayerNorm_1/scale"], out[f"{dst}/LayerNorm_1/bias"] = (
+        h[f"{src}.layer_norm2.weight"], h[f"{src}.layer_norm2.bias"])
+    for bv, t in (("query", "q"), ("key", "k"), ("value", "v")):
+      out[f"{dst}/MultiHeadDotProductAttention_0/{bv}/kernel"] = (
+          h[f"{src}.self_attn.{t}_proj.weight"].T.reshape(width, heads, hd))
+      out[f"{dst}/MultiHeadDotProductAttention_0/{bv}/bias"] = (
+          h[f"{src}.self_attn.{t}_proj.bias"].reshape(heads, hd))
+    out[f"{dst}/MultiHeadDotProductAttention_0/out/kernel"] = (
+        h[f"{src}.self_attn.out_proj.weight"].T.reshape(heads, hd, width))
+    out[f"{dst}/MultiHeadDotProductAttention_0/out/bias"] = h[f"{src}.self_attn.out_proj.bias"]
+    for i, fc in enumerate(("fc1", "fc2")):
+      out[f"{dst}/MlpBlock_0/Dense_{i}/kernel"] = h[f"{src}.mlp.{fc}.weight"].T
+      out[f"{dst}/MlpBlock_0/Dense_{i}/bias"] = h[f"{src}.mlp.{fc}.bias"]
+
+  vw, vh = VISION["hidden_size"], VISION["num_attention_heads"]
+  tw, th = TEXT["hidden_size"], TEXT["num_attention_heads"]
+  for i in range(VISION["num_hidden_layers"]):
+    block(f"img/Transformer/encoderblock_{i}", f"vision_model.encoder.layers.{i}", vw, vh)
+  for i in range(TEXT["num_hidden_layers"]):
+    block(f"txt/Encoder_0/encoderblock_{i}", f"text_model.encoder.layers.{i}", tw, th)
+  e = "vision_model.embeddings"
+  out["img/embedding/kernel"] = h[f"{e}.patch_embedding.weight"].transpose(2, 3, 1, 0)
+  out["img/embedding/bias"] = h[f"{e}.patch_embedding.bias"]
+  out["img/pos_embedding"] = h[f"{e}.position_embedding.weight"][None]
+  out["img/Transformer/encoder_norm/scale"] = h["vision_model.post_layernorm.weight"]
+  out["img/Transformer/encoder_norm/bias"] = h["vision_model.post_layernorm.bias"]
+  m, hd = "vision_model.head", vw // vh
+  out["img/MAPHead_0/probe"] = h[f"{m}.probe"]
+  in_w, in_b = h[f"{m}.attention.in_proj_weight"], h[f"{m}.attention.in_proj_bias"]
+  for j, bv in enumerate(("query", "key", "value")):
+    out[f"img/MAPHead_0/MultiHeadDotProductAttention_0/{bv}/kernel"] = (
+        in_w[j * vw:(j + 1) * vw].T.reshape(vw, vh, hd))
+    out[f"img/MAPHead_0/MultiHeadDotProductAttention_0/{bv}/bias"] = (
+        in_b[j * vw:(j + 1) * vw].reshape(vh, hd))
+  out["img/MAPHead_0/MultiHeadDotProductAttention_0/out/kernel"] = (
+      h[f"{m}.attention.out_proj.weight"].T.reshape(vh, hd, vw))
+  out["img/MAPHead_0/MultiHeadDotProductAttention_0/out/bias"] = h[f"{m}.attention.out_proj.bias"]
+  out["img/MAPHead_0/LayerNorm_0/scale"] = h[f"{m}.layernorm.weight"]
+  out["img/MAPHead_0/LayerNorm_0/bias"] = h[f"{m}.layernorm.bias"]
+  for i, fc in enumerate(("fc1", "fc2")):
+    out[f"img/MAPHead_0/MlpBlock_0/Dense_{i}/kernel"] = h[f"{m}.mlp.{fc}.weight"].T
+    out[f"img/MAPHead_0/MlpBlock_0/Dense_{i}/bias"] = h[f"{m}.mlp.{fc}.bias"]
+  out["txt/Embed_0/embedding"] = h["text_model.embeddings.token_embedding.weight"]
+  out["txt/pos_embedding"] = h["text_model.embeddings.position_embedding.weight"][None]
+  out["txt/Encoder_0/encoder_norm/scale"] = h["text_model.final_layer_norm.weight"]
+  out["txt/Encoder_0/encoder_norm/bias"] = h["text_model.final_layer_norm.bias"]
+  out["txt/head/kernel"] = h["text_model.head.weight"].T
+  out["txt/head/bias"] = h["text_model.head.bias"]
+  out["t"], out["b"] = h["logit_scale"].reshape(1), h["logit_bias"].reshape(1)
+  if scan:   # one `encoderblock` per tower, arrays stacked along a leading depth axis
+    for tower, depth in (("img/Transformer", VISION["num_hidden_layers"]),
+                         ("txt/Encoder_0", TEXT["num_hidden_layers"])):
+      names = {k.split("/", 3)[3] for k in out if k.startswith(f"{tower}/encoderblock_")}
+      for n in names:
+        out[f"{tower}/encoderblock/{n}"] = np.stack(
+            [out.pop(f"{tower}/encoderblock_{i}/{n}") for i in range(depth)])
+  return {f"params/{k}": v for k, v in out.items()}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_big_vision_parity(siglip, tmp_path, scan):
+  model, _, _ = siglip
+  npz = tmp_path / "siglip.npz"
+  np.savez(npz, **hf_to_big_vision(model.state_dict(), scan=scan))
+  out = convert.convert_checkpoint("big_vision", str(npz), str(tmp_path / "out"),
+                                   tokenizer="none")
+  config, ours, params = load_converted(out)
+  assert (config.model.image.num_heads, config.model.text.num_heads) == (3, 5)
+  assert config.model.text.act == "gelu_tanh" and config.loss.contrastive == "sigmoid"
+  images, text = inputs()
+  got = jax.jit(ours.apply)({"params": params}, jnp.asarray(images), jnp.asarray(text))
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(text.astype(np.int64)),
+                pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  for a, b in ((got["image_embed"], ref.image_embeds), (got["text_embed"], ref.text_embeds)):
+    assert float(np.max(np.abs(np.asarray(a) - b.numpy()))) <= TOL
+  assert abs(float(got["logit_bias"]) + 12.5) < 1e-6
+
+
+def test_big_vision_refusals(siglip, tmp_path):
+  model, d, _ = siglip
+  state = hf_to_big_vision(model.state_dict())
+  broken = dict(state)
+  del broken["params/img/MAPHead_0/LayerNorm_0/bias"]
+  broken["params/txt/head/bias"] = np.zeros(7, np.float32)
+  np.savez(tmp_path / "broken.npz", **broken)
+  with pytest.raises(convert.ConversionError) as e:
+    convert.convert_checkpoint("big_vision", str(tmp_path / "broken.npz"), str(tmp_path / "o1"),
+                               tokenizer="none")
+  assert "img/MAPHead_0/LayerNorm_0/bias" in str(e.value) and "txt/head/bias" in str(e.value)
+  # An entry that would need unpickling is refused, not loaded.
+  np.savez(tmp_path / "pickled.npz", **state, extra=np.array([{"x": 1}], dtype=object))
+  with pytest.raises(convert.ConversionError, match="pickled"):
+    convert.convert_checkpoint("big_vision", str(tmp_path / "pickled.npz"), str(tmp_path / "o2"),
+                               tokenizer="none")
+  # A Hugging Face file given as big_vision says which format it is.
+  with pytest.raises(convert.ConversionError, match="--format hf"):
+    convert.convert_checkpoint("big_vision", str(d / "model.safetensors"), str(tmp_path / "o3"),
+                               tokenizer="none")
+  # Without a tokenizer a SigLIP is not guessed one (CLIP's BPE would be wrong).
+  np.savez(tmp_path / "ok.npz", **state)
+  with pytest.raises(convert.ConversionError, match="SentencePiece"):
+    convert.convert_checkpoint("big_vision", str(tmp_path / "ok.npz"), str(tmp_path / "o4"))
+  assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_imported_siglip_end_to_end_matches_transformers(tmp_path):
+  """A SiglipModel folder with its spiece.model beside the weights -> convert (the tokenizer is
+  found) -> inference.load: the same token ids as SiglipTokenizer, the same pixels as
+  SiglipImageProcessorPil, and zero-shot probabilities equal to the sigmoid of the reference's
+  logits for the same prompts."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from vlm_jax import inference  # pylint: disable=g-import-not-at-top
+  spiece = t5_style_sentencepiece(tmp_path / "spiece")
+  ref_tok = transformers.SiglipTokenizer(vocab_file=spiece, model_max_length=CONTEXT)
+  model = random_siglip(seed=1, vocab=ref_tok.vocab_size)
+  folder = tmp_path / "siglip"
+  model.save_pretrained(str(folder))
+  os.replace(spiece, folder / "spiece.model")
+  out = convert.convert_checkpoint("hf", str(folder / "model.safetensors"), str(tmp_path / "out"))
+  loaded = inference.load(out)
+
+  labels = ["red circle", "blue square", "green triangle"]
+  prompts = [f"a photo of a {l}." for l in labels]
+  ids = ref_tok(prompts, padding="max_length", max_length=CONTEXT)["input_ids"]
+  np.testing.assert_array_equal(loaded.tokenize(prompts), np.asarray(ids))
+
+  rng = np.random.default_rng(0)
+  paths = []
+  for i, size in enumerate([(40, 30), (24, 24)]):
+    paths.append(str(tmp_path / f"img{i}.png"))
+    Image.fromarray(rng.integers(0, 255, size=size + (3,), dtype=np.uint8)).save(paths[-1])
+  pixels = loaded.load_images(paths)
+  processor = transformers.SiglipImageProcessorPil(size={"height": IMAGE, "width": IMAGE})
+  want = processor([Image.open(p).convert("RGB") for p in paths], return_tensors="np")
+  np.testing.assert_allclose(pixels, want["pixel_values"].transpose(0, 2, 3, 1), atol=1e-5)
+
+  probs = loaded.classify(pixels, labels, templates="a photo of a {}.")
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(ids),
+                pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
+  np.testing.assert_allclose(probs, torch.sigmoid(ref.logits_per_image).numpy(), atol=1e-4)

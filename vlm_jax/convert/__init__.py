@@ -1,9 +1,14 @@
-"""Import OpenAI / OpenCLIP / Hugging Face CLIP weights into vlm_jax checkpoints.
+"""Import OpenAI / OpenCLIP / Hugging Face CLIP and Hugging Face / big_vision SigLIP weights into
+vlm_jax checkpoints.
 
     python -m vlm_jax.convert --format openclip --model ViT-B-32-quickgelu \
         --checkpoint open_clip_pytorch_model.bin --tokenizer bpe_simple_vocab_16e6.txt.gz --out DIR
     python -m vlm_jax.convert --format hf --checkpoint clip-vit-base-patch32/model.safetensors \
         --tokenizer bpe_simple_vocab_16e6.txt.gz --out DIR
+    python -m vlm_jax.convert --format hf --checkpoint siglip-base-patch16-224/model.safetensors \
+        --out DIR                       # SiglipModel: spiece.model beside it is the tokenizer
+    python -m vlm_jax.convert --format big_vision --checkpoint webli_en_b16_224.npz \
+        --tokenizer c4_en.model --out DIR
 
 `convert_checkpoint` reads the file (never unpickling arbitrary objects), checks the architecture
 and every key and shape, maps the weights onto the TwoTower parameter tree, checks that tree
@@ -14,12 +19,12 @@ from __future__ import annotations
 
 import os
 
-from vlm_jax.convert import configs, hf, openclip
+from vlm_jax.convert import big_vision, configs, hf, openclip
 from vlm_jax.convert.common import (ConversionError, check_out_dir, read_checkpoint,
                                     write_output)
 from vlm_jax.convert.configs import NAMED_MODELS, ClipArch
 
-FORMATS = {"openclip": openclip, "hf": hf}
+FORMATS = {"openclip": openclip, "hf": hf, "big_vision": big_vision}
 
 
 def convert_state(state: dict, fmt: str, arch: ClipArch, *, source: str = "checkpoint",
@@ -56,17 +61,20 @@ def convert_checkpoint(fmt: str, checkpoint: str, out: str, *, model: str | None
   """Converts `checkpoint` and writes the workdir `out`; returns its absolute path.
 
   Args:
-    fmt: 'openclip' (OpenAI / OpenCLIP key names) or 'hf' (Hugging Face CLIPModel).
-    checkpoint: .safetensors, or .pt / .pth / .bin / .ckpt: a state dict (read with
-      torch.load(weights_only=True)) or a TorchScript archive such as OpenAI's original release
-      (read by a restricted unpickler that never runs code from the file).
+    fmt: 'openclip' (OpenAI / OpenCLIP key names), 'hf' (Hugging Face CLIPModel / SiglipModel)
+      or 'big_vision' (a big_vision SigLIP .npz).
+    checkpoint: .safetensors, .npz (big_vision; read without pickle), or .pt / .pth / .bin /
+      .ckpt: a state dict (read with torch.load(weights_only=True)) or a TorchScript archive
+      such as OpenAI's original release (read by a restricted unpickler that never runs code
+      from the file).
     out: the output directory; must not exist (or be empty). Nothing is written on error.
     model: a name in NAMED_MODELS or a JSON description (OpenCLIP model config or HF
-      config.json); for 'hf' it defaults to the config.json beside the checkpoint.
-    tokenizer: OpenAI CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) or Hugging Face
-      tokenizer files (tokenizer.json or its folder); default (`find_tokenizer`): for 'hf' the
-      tokenizer files beside the checkpoint, else the BPE vocabulary inside an installed
-      open_clip / clip package. Stored in `out` (WORKDIR/tokenizer.model), so the workdir loads
+      config.json); for 'hf' it defaults to the config.json beside the checkpoint; big_vision
+      checkpoints describe themselves (the shapes hold the whole architecture).
+    tokenizer: OpenAI CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz), a SentencePiece
+      .model (SigLIP) or Hugging Face tokenizer files (tokenizer.json or its folder); default
+      (`find_tokenizer`): for 'hf' the tokenizer files beside the checkpoint, else for a CLIP the
+      BPE vocabulary inside an installed open_clip / clip package. Stored in `out` (WORKDIR/tokenizer.model), so the workdir loads
       on its own; with none found, nothing is read or written and the error says what to pass.
       'none': weights only (for `train --config.init_from`; evaluating the workdir then needs
       --config.tokenizer.model_path).
@@ -74,14 +82,24 @@ def convert_checkpoint(fmt: str, checkpoint: str, out: str, *, model: str | None
   if fmt not in FORMATS:
     raise ConversionError(f"convert: --format {fmt!r}: expected one of {', '.join(FORMATS)}")
   check_out_dir(out)
-  arch, model_name = configs.resolve_arch(model, fmt, checkpoint)
-  kind, tok_path = find_tokenizer(fmt, checkpoint, tokenizer)
-  tok = _read_tokenizer(kind, tok_path, arch) if kind else None
   source = os.path.basename(checkpoint)
-  state = read_checkpoint(checkpoint)
+  if fmt == "big_vision" and not model:
+    state = read_checkpoint(checkpoint)
+    arch = big_vision.infer_arch(big_vision.prepare(state, source), source)
+    model_name = "the checkpoint's shapes"
+  else:
+    arch, model_name = configs.resolve_arch(model, fmt, checkpoint)
+    state = None
+  kind, tok_path = find_tokenizer(fmt, checkpoint, tokenizer, arch.family)
+  tok = _read_tokenizer(kind, tok_path, arch) if kind else None
+  if state is None:
+    state = read_checkpoint(checkpoint)
   params = convert_state(state, fmt, arch, source=source, model=model_name)
   config = configs.to_config(arch)
-  config.tokenizer.kind = kind or config.tokenizer.kind
+  if kind and kind != config.tokenizer.kind:
+    # A tokenizer.json carries its own normalisation and special tokens (SigLIP 2's Gemma
+    # tokenizer); SigLIP's SentencePiece text rules apply to its .model only.
+    config.tokenizer.kind, config.tokenizer.pad, config.tokenizer.canonicalize = kind, "pad", False
   check_against_model(params, config)
   report = {"format": fmt, "checkpoint": os.path.abspath(checkpoint), "model": model_name,
             "arch": arch.describe(), "tensors": len(state),
@@ -116,16 +134,30 @@ def _has_hf_tokenizer(folder: str) -> bool:
              for files in HF_TOKENIZER_FILES)
 
 
-def find_tokenizer(fmt: str, checkpoint: str, tokenizer: str | None = None) -> tuple[str, str]:
+SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")   # Hugging Face's names for it
+
+
+def find_tokenizer(fmt: str, checkpoint: str, tokenizer: str | None = None,
+                   family: str = "clip") -> tuple[str, str]:
   """(tokenizer.kind, path) of the converted model's tokenizer, or (None, None) for 'none'; see
   `convert_checkpoint`."""
   if tokenizer == "none":
     return None, None
+  folder = os.path.dirname(os.path.abspath(checkpoint))
   if tokenizer:
     if not os.path.exists(tokenizer):
       raise ConversionError(f"convert: --tokenizer {tokenizer} does not exist")
-  elif fmt == "hf" and _has_hf_tokenizer(os.path.dirname(os.path.abspath(checkpoint))):
-    tokenizer = os.path.dirname(os.path.abspath(checkpoint))
+  elif fmt == "hf" and _has_hf_tokenizer(folder):
+    tokenizer = folder
+  elif fmt == "hf" and any(os.path.isfile(os.path.join(folder, f)) for f in SENTENCEPIECE_FILES):
+    tokenizer = next(os.path.join(folder, f) for f in SENTENCEPIECE_FILES
+                     if os.path.isfile(os.path.join(folder, f)))
+  elif family == "siglip":
+    raise ConversionError(
+        "convert: no tokenizer for the converted SigLIP, and a workdir without one cannot be "
+        "evaluated; pass --tokenizer with its SentencePiece .model (big_vision: the vocabulary "
+        "its config names, e.g. c4_en) or tokenizer.json (or --tokenizer none for the weights "
+        "alone). Nothing was written")
   else:
     tokenizer = installed_clip_bpe()
     if tokenizer is None:
@@ -134,6 +166,8 @@ def find_tokenizer(fmt: str, checkpoint: str, tokenizer: str | None = None) -> t
           f"be evaluated; pass --tokenizer: OpenAI CLIP's {CLIP_BPE_FILE} (it ships inside the "
           "open_clip_torch and openai-clip packages) or the model's Hugging Face tokenizer.json "
           "(or --tokenizer none for the weights alone). Nothing was written")
+  if tokenizer.endswith(".model"):
+    return "sentencepiece", tokenizer
   hf_files = os.path.isdir(tokenizer) or tokenizer.endswith(".json")
   return ("hf" if hf_files else "bpe"), tokenizer
 

@@ -46,11 +46,13 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     raise FileNotFoundError(f"convert: checkpoint file {path} does not exist")
   if path.endswith(".safetensors"):
     state = _read_safetensors(path)
+  elif path.endswith(".npz"):
+    state = _read_npz(path)
   elif path.endswith(TORCH_SUFFIXES):
     state = _read_torch(path)
   else:
-    raise ConversionError(f"convert: {path}: unknown checkpoint type; expected .safetensors or "
-                          f"one of {', '.join(TORCH_SUFFIXES)}")
+    raise ConversionError(f"convert: {path}: unknown checkpoint type; expected .safetensors, "
+                          f".npz or one of {', '.join(TORCH_SUFFIXES)}")
   if not state:
     raise ConversionError(f"convert: {path} holds no tensors")
   return state
@@ -76,6 +78,30 @@ def _read_safetensors(path: str) -> dict[str, Any]:
   except SafetensorError as e:
     raise ConversionError(f"convert: {path} is not a safetensors file, or it is truncated or "
                           f"corrupt ({e})") from e
+  return out
+
+
+def _read_npz(path: str) -> dict[str, Any]:
+  """A numpy .npz archive (big_vision's checkpoint format), read with allow_pickle=False: an
+  entry holding pickled objects is refused, never unpickled. bfloat16 arrays (stored by numpy as
+  2-byte void) are widened to float32."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  out = {}
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      for name in archive.files:
+        array = archive[name]
+        if array.dtype.kind == "V" and array.dtype.itemsize == 2:
+          array = array.view(ml_dtypes.bfloat16).astype(np.float32)
+        out[name] = _as_numpy_float32(array)
+  except ValueError as e:
+    if "pickle" in str(e).lower():
+      raise ConversionError(f"convert: refusing to load {path}: an entry holds pickled objects; "
+                            f"{_REFUSED}") from e
+    raise ConversionError(f"convert: {path} is not a readable .npz archive ({e})") from e
+  except (OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ConversionError(f"convert: {path} is not a readable .npz archive (truncated or "
+                          f"corrupt: {e})") from e
   return out
 
 
