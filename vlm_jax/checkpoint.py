@@ -172,6 +172,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    self._check_ema(step, _get(abstract_state, "ema_params") is not None)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=abstract_state,
@@ -186,10 +187,30 @@ class Checkpointer:
           f"resuming with {count} process(es) cannot restore the data-iterator positions exactly")
     return restored.state, per_process[pid], dict(restored.meta)
 
+  def has_ema(self, step: int) -> bool:
+    """Whether the checkpoint at `step` holds EMA params (it was written with ema_decay)."""
+    state = self.manager.item_metadata(step)["state"]
+    try:
+      return _get(state, "ema_params") is not None
+    except (KeyError, AttributeError, TypeError):
+      return False
+
+  def _check_ema(self, step: int, want: bool) -> None:
+    have = self.has_ema(step)
+    if want and not have:
+      raise ValueError(f"checkpoint {self.directory}/{step} has no EMA weights (its run had no "
+                       "ema_decay), and this run keeps an EMA (ema_decay is set): resume it "
+                       "without --config.ema_decay, or start a new run from it with "
+                       "--config.init_from (the average then starts at its params)")
+    if have and not want:
+      raise ValueError(f"checkpoint {self.directory}/{step} holds EMA weights, and this run has "
+                       "no ema_decay: resume with the run's --config.ema_decay (see its "
+                       "config.json), or start a new run from it with --config.init_from")
+
   def restore_params(self, step: int | None, abstract_params: PyTree, *, skip: str = "",
-                     field: str = "init_from") -> tuple[dict, list[str]]:
+                     field: str = "init_from", ema: bool = False) -> tuple[dict, list[str]]:
     """Loads the params present in both this checkpoint and `abstract_params` (ShapeDtypeStructs
-    with target shardings), straight into those shardings.
+    with target shardings), straight into those shardings; `ema`: its EMA params instead.
 
     Returns (restored params by path, messages about what was skipped, missing or unused).
     Shape mismatches raise a ValueError naming every mismatched param, unless the path matches
@@ -198,8 +219,12 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{field}: no checkpoint in {self.directory}")
+    item_key = "ema_params" if ema else "params"
+    if ema and not self.has_ema(step):
+      raise ValueError(f"{field}: checkpoint {self.directory}/{step} has no EMA weights (its "
+                       "run had no ema_decay); use its params (no --ema / evals.use_ema)")
     meta = self.manager.item_metadata(step)["state"]
-    saved = flatten(_get(meta, "params"))
+    saved = flatten(_get(meta, item_key))
     wanted = flatten(abstract_params)
     _check_block_layouts(saved, wanted, field)
     rx = re.compile(skip) if skip else None
@@ -221,12 +246,12 @@ class Checkpointer:
       raise ValueError(f"{field}: shape mismatch for " + "; ".join(mismatched) +
                        " (set init_from_skip to a regex for params to leave freshly initialised)")
     # Partial restore of only the params we take; everything else in the checkpoint is ignored.
-    item = {"params": unflatten(target)}
+    item = {item_key: unflatten(target)}
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True)))
-    return flatten(restored.state["params"]), messages
+    return flatten(restored.state[item_key]), messages
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -43,6 +43,8 @@ def train_config() -> ml_collections.ConfigDict:
   c.optim.no_decay = ""            # regex over param paths also excluded from decay
   c.optim.grad_clip_norm = 1.0     # global-norm clipping; 0 / None = off
   c.freeze = ""                    # regex over param paths kept frozen (LiT: '^image/')
+  c.ema_decay = placeholder(float)  # e.g. 0.9999: keep an EMA of the params (None = no EMA)
+  c.ema_warmup = True              # decay min(ema_decay, (1+n)/(10+n)) after n updates
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.kind = "cosine"       # 'cosine' | 'rsqrt' | 'constant' (all after linear warmup)

@@ -75,15 +75,15 @@ def load_tokenizer(config, workdir: Optional[str], meta: Optional[dict] = None):
 # ---- params -----------------------------------------------------------------------------------
 
 
-def restore_params(config, task, model, mesh, loc: CheckpointLocation):
-  """The params of checkpoint `loc`, restored directly into their shardings on `mesh` (any mesh:
-  the checkpoint may have been written on another). Only the params are read (not the optimizer
-  state). Every model param must be in the checkpoint with the model's shape; checkpoint params
+def restore_params(config, task, model, mesh, loc: CheckpointLocation, ema: bool = False):
+  """The params of checkpoint `loc` (`ema`: its EMA params), restored directly into their
+  shardings on `mesh` (any mesh: the checkpoint may have been written on another). Only the
+  params are read (not the optimizer state). Every model param must be in the checkpoint with the model's shape; checkpoint params
   the model does not have are ignored (a CoCa checkpoint serves a captioner)."""
   abstract, _ = runtime.abstract_params(config, task, model, mesh)
   ckpt = ckpt_lib.Checkpointer(loc.checkpoints, read_only=True, async_save=False)
   try:
-    loaded, _ = ckpt.restore_params(loc.step, abstract, field="checkpoint")
+    loaded, _ = ckpt.restore_params(loc.step, abstract, field="checkpoint", ema=ema)
   finally:
     ckpt.close()
   missing = [p for p in ckpt_lib.flatten(abstract) if p not in loaded]
@@ -235,7 +235,8 @@ class Model:
     return np.stack(out) if out else np.zeros((0, size, size, 3), np.float32)
 
 
-def load(path: str, step: Optional[int] = None, *, mesh=None, config=None) -> Model:
+def load(path: str, step: Optional[int] = None, *, mesh=None, config=None,
+         ema: Optional[bool] = None) -> Model:
   """Loads a workdir / checkpoint directory for inference.
 
   Args:
@@ -244,6 +245,7 @@ def load(path: str, step: Optional[int] = None, *, mesh=None, config=None) -> Mo
     step: which checkpoint (default: the latest, or the one `path` names).
     mesh: where to put the params (default: data parallel over all local devices).
     config: use this config instead of the saved one (it must describe the same model).
+    ema: load the EMA weights of a run trained with ema_decay (default: config.evals.use_ema).
   """
   loc = locate(path, step)
   meta = _read_meta(loc)
@@ -253,7 +255,9 @@ def load(path: str, step: Optional[int] = None, *, mesh=None, config=None) -> Mo
   tokenizer = load_tokenizer(config, loc.workdir, meta)
   mesh = mesh if mesh is not None else default_mesh()
   model = task.build_model(config)
-  params = restore_params(config, task, model, mesh, loc)
+  if ema is None:
+    ema = bool(config.get("evals", {}).get("use_ema", False))
+  params = restore_params(config, task, model, mesh, loc, ema=ema)
   return Model(config, task, model, params, tokenizer, mesh, step=loc.step, path=path)
 
 

@@ -106,6 +106,12 @@ def trainer_problems(config, num_devices=None) -> list:
                     f"{jax.default_backend()}); use 'xla' or 'einsum'")
   if config.total_steps < 1:
     problems.append(f"total_steps: {config.total_steps} must be >= 1")
+  ema = config.get("ema_decay")
+  if ema is not None and not 0.0 < float(ema) < 1.0:
+    problems.append(f"ema_decay: {ema} must be in (0, 1) (e.g. 0.9999), or None for no EMA")
+  if config.evals.get("use_ema") and ema is None:
+    problems.append("evals.use_ema: True needs EMA weights, and ema_decay is None (set "
+                    "--config.ema_decay, e.g. 0.9999)")
   if config.schedule.kind not in optim.SCHEDULES:
     problems.append(f"schedule.kind: unknown schedule {config.schedule.kind!r}; expected one of "
                     f"{', '.join(optim.SCHEDULES)}")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -68,12 +69,14 @@ class Runtime:
     opt_shardings = optax.tree_map_params(
         tx, lambda x, s: x if masked(x) else s, abstract_opt, param_shardings,
         transform_non_params=lambda _: replicated, is_leaf=masked)
+    ema = config.get("ema_decay") is not None
     state_shardings = ts.TrainState(
         step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated,
-        nonfinite_total=replicated, nonfinite_streak=replicated)
+        nonfinite_total=replicated, nonfinite_streak=replicated,
+        ema_params=param_shardings if ema else None)
     with sharding.mesh_scope(mesh, rules):
       abstract = jax.eval_shape(lambda: ts.init_train_state(
-          lambda r: task.init_params(model, config, r), tx, jax.random.key(0)))
+          lambda r: task.init_params(model, config, r), tx, jax.random.key(0), ema=ema))
     abstract = ckpt_lib.abstract_with_shardings(abstract, state_shardings)
     return cls(config=config, task=task, mesh=mesh, rules=rules, model=model, tx=tx,
                schedule=schedule, state_shardings=state_shardings,
@@ -85,8 +88,9 @@ class Runtime:
 
   def init_state(self) -> ts.TrainState:
     """The initial train state, created directly with its shardings."""
+    ema = self.config.get("ema_decay") is not None
     init = jax.jit(lambda rng: ts.init_train_state(
-        lambda r: self.task.init_params(self.model, self.config, r), self.tx, rng),
+        lambda r: self.task.init_params(self.model, self.config, r), self.tx, rng, ema=ema),
                    out_shardings=self.state_shardings)
     with self.context():
       return init(jax.random.key(self.config.seed))
@@ -95,7 +99,8 @@ class Runtime:
     """The jitted train step of the task's objective: in/out shardings, state donated."""
     step = step_lib.make_train_step(
         self.task.objective(self.config, self.model), self.tx, self.schedule,
-        grad_accum_steps=self.config.grad_accum_steps, batch_sharding=self.batch_sharding)
+        grad_accum_steps=self.config.grad_accum_steps, batch_sharding=self.batch_sharding,
+        ema_decay=self.config.get("ema_decay"), ema_warmup=bool(self.config.get("ema_warmup")))
     return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
@@ -119,7 +124,8 @@ class Runtime:
     params = jax.tree.map(lambda _, v: v, state.params, ckpt_lib.unflatten(flat))
     logging.info("init_from: loaded %d of %d params from %s/%d", len(loaded), len(flat),
                  loc.checkpoints, loc.step)
-    return state.replace(params=params)
+    ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
+    return state.replace(params=params, ema_params=ema)   # the average starts at the loaded params
 
 
 # ---- checks before anything is built ------------------------------------------------------------

@@ -196,7 +196,8 @@ def _train_and_evaluate(config, workdir):
     def evaluate_or_stop(step_now, what):
       """Runs the evals; a SIGTERM during them saves the step (if newer) and stops the run."""
       try:
-        return _evaluate(eval_ctx, state.params, step_now)
+        params = state.ema_params if config.evals.use_ema else state.params
+        return _evaluate(eval_ctx, params, step_now)
       except preemption.Preempted:
         save(step_now)
         raise preemption.Preempted(f"SIGTERM during {what} at step {step_now}; stopped it, the "

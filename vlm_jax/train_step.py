@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlm_jax.train_state import TrainState
+from vlm_jax.train_state import TrainState, ema_decay_at
 
 PyTree = Any
 
@@ -128,11 +128,14 @@ def loss_and_grads_fn(objective, grad_accum_steps: int = 1, batch_sharding=None)
 
 
 def make_train_step(objective, tx: optax.GradientTransformation, schedule: Callable, *,
-                    grad_accum_steps: int = 1, batch_sharding=None
+                    grad_accum_steps: int = 1, batch_sharding=None,
+                    ema_decay: float | None = None, ema_warmup: bool = True
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Returns the pure `train_step(state, batch) -> (state, metrics)`.
 
   objective: the task's `Objective` (forward pass and loss terms).
+  ema_decay: with a state holding `ema_params`, their decay (`train_state.ema_decay_at`); a
+    skipped (non-finite) step leaves them untouched like the params.
   metrics: float32 scalars: the loss and its terms, the objective's logged outputs, grad and
   param norms, the learning rate, and the non-finite counters.
   """
@@ -149,7 +152,16 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     skipped = 1 - finite.astype(jnp.int32)
+    ema = state.ema_params
+    if ema is not None:
+      if ema_decay is None:
+        raise ValueError("the train state holds EMA params but no ema_decay was given")
+      # Updates applied before this one: steps taken minus steps skipped.
+      d = ema_decay_at(ema_decay, state.step - state.nonfinite_total, ema_warmup)
+      ema = keep(jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype),
+                              ema, new_params), ema)
     new_state = state.replace(
+        ema_params=ema,
         step=state.step + 1,
         params=keep(new_params, state.params),
         opt_state=keep(new_opt_state, state.opt_state),

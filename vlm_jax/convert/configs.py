@@ -56,6 +56,9 @@ class ClipArch:
   vision_ln_eps: float = 1e-5
   text_ln_eps: float = 1e-5
   family: str = "clip"            # 'clip' | 'siglip'
+  # A CLIP whose eos is not its largest id (e.g. exported from vlm_jax with a SentencePiece
+  # tokenizer) pools at its eos = the last token before the padding: the pad id, else None.
+  text_pad_id: int | None = None
 
   @property
   def grid(self) -> int:
@@ -139,12 +142,18 @@ def arch_from_hf_config(d: dict, source: str = "config.json") -> ClipArch:
             for tower, cfg in (("vision", v), ("text", t))}
     vocab = int(t.get("vocab_size", 49408))
     eos = t.get("eos_token_id", 2)
+    pad = t.get("pad_token_id")
+    text_pad_id = None
     if eos not in (2, vocab - 1):
-      # HF pools at the first eos_token_id (or at the argmax id when it is the legacy 2);
-      # vlm_jax pools at the argmax id, the same position only when eos is the largest id.
-      raise ConversionError(
-          f"convert: {source}: text_config.eos_token_id={eos} is not the largest id "
-          f"({vocab - 1}); vlm_jax pools the text tower at the largest id (OpenAI CLIP's eos)")
+      # HF pools at the first eos_token_id (or at the argmax id when it is the legacy 2).
+      # vlm_jax pools at the argmax id (the same position when eos is the largest id) or at
+      # the last token before the padding, the same position when padding has its own id.
+      if pad is None or pad == eos:
+        raise ConversionError(
+            f"convert: {source}: text_config.eos_token_id={eos} is not the largest id "
+            f"({vocab - 1}) and padding has no id of its own (pad_token_id={pad}); vlm_jax "
+            "pools the text tower at the largest id or at the last token before the padding")
+      text_pad_id = int(pad)
     return ClipArch(
         embed_dim=int(d.get("projection_dim", 512)), image_size=int(v.get("image_size", 224)),
         patch_size=int(v.get("patch_size", 32)), vision_width=int(v.get("hidden_size", 768)),
@@ -156,7 +165,7 @@ def arch_from_hf_config(d: dict, source: str = "config.json") -> ClipArch:
         text_mlp=int(t.get("intermediate_size", 2048)), vocab_size=vocab,
         context_length=int(t.get("max_position_embeddings", 77)), vision_act=acts["vision"],
         text_act=acts["text"], vision_ln_eps=float(v.get("layer_norm_eps", 1e-5)),
-        text_ln_eps=float(t.get("layer_norm_eps", 1e-5)))
+        text_ln_eps=float(t.get("layer_norm_eps", 1e-5)), text_pad_id=text_pad_id)
   except KeyError as e:
     raise ConversionError(f"convert: {source}: not a Hugging Face CLIP config (missing {e})") from e
 
@@ -305,6 +314,8 @@ def to_config(arch: ClipArch, *, tokenizer_path: str | None = None):
   else:
     image.update(pool="cls", class_token=True, ln_pre=True, patch_bias=False)
     text.update(causal=True, pool="eos")
+    if arch.text_pad_id is not None:   # causal: masking the padding changes nothing before it
+      text.update(pool="last", pad_id=arch.text_pad_id)
     model = {"embed_dim": arch.embed_dim, "proj_bias": False,
              "logit_scale_init": math.log(1 / 0.07), "max_logit_scale": 100.0}
     loss = {"contrastive": "softmax"}

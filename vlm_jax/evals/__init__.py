@@ -61,6 +61,7 @@ def evals_config(run: str = AUTO, batch_size: int = 64) -> ml_collections.Config
   c = ml_collections.ConfigDict()
   c.run = run                      # entries to run, comma-separated; 'auto': the task's own
   c.batch_size = batch_size        # global eval batch, padded to the data-parallel device count
+  c.use_ema = False                # evaluate the EMA weights (a run with ema_decay)
   for kind in EVALUATORS:
     c[kind] = entry_config(kind)
   # These have no captions: zero-shot reads only images and labels.
