@@ -30,8 +30,8 @@ def test_data8_checkpoint_restores_on_fsdp8_and_one_device(tmp_path):
 
   ck = ckpt_lib.Checkpointer(str(tmp_path))
   fsdp = runtime.Runtime.create(cfg(mesh__data=1, mesh__fsdp=8))
-  restored, data_state, meta = ck.restore(None, fsdp.abstract_state)
-  assert data_state == {"position": 3} and meta == {"config": "{}"}
+  restored, data_states, meta = ck.restore(None, fsdp.abstract_state)
+  assert data_states == [{"position": 3}] and meta == {"config": "{}"}
   assert tree_equal(jax.device_get(restored), want)
   kernel = restored.params["text_projection"]["kernel"]
   assert kernel.sharding.spec == fsdp.state_shardings.params["text_projection"]["kernel"].spec
@@ -78,8 +78,8 @@ def test_sigkill_during_save_keeps_latest_checkpoint_valid(tmp_path):
   abstract = {"w": jax.ShapeDtypeStruct(shape, np.float32,
                                         sharding=jax.sharding.SingleDeviceSharding(
                                             jax.devices()[0]))}
-  restored, data_state, _ = ck.restore(latest, abstract)
-  assert data_state == {"p": latest}
+  restored, data_states, _ = ck.restore(latest, abstract)
+  assert data_states == [{"p": latest}]
   if latest == 1:
     np.testing.assert_array_equal(restored["w"], np.arange(10.0))
   ck.close()

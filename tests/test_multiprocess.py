@@ -1,6 +1,6 @@
 """Two JAX processes on localhost (2 CPU devices each, gloo collectives) train, checkpoint and
-resume together, and log the same losses as one process with 4 devices on the same global
-batches."""
+resume (also on one process, and back on two), and log the same losses as one process with 4
+devices on the same global batches; a SIGTERM to one process stops both."""
 import os
 import signal
 import subprocess
@@ -43,26 +43,51 @@ def _run_two_processes(workdir, data_dir, total_steps, tmp_path, tag):
     stop_all(procs, logs)
 
 
-def test_two_processes_train_checkpoint_resume_like_one(shapes_data_dir, tmp_path):
+def _run_one_process(workdir, data_dir, total_steps, tmp_path, tag):
+  o = tiny_overrides(data_dir, total_steps=total_steps, **COMMON)
+  with open(tmp_path / f"{tag}.log", "w") as log:
+    rc = subprocess.run(train_command("coca", workdir, o), cwd=REPO, env=subprocess_env(2),
+                        stdout=log, stderr=subprocess.STDOUT, timeout=400, check=False).returncode
+  assert rc == 0, open(tmp_path / f"{tag}.log").read()[-4000:]
+
+
+def test_training_resumes_across_process_counts_like_one_run(shapes_data_dir, tmp_path):
+  """2 processes train 4 steps and checkpoint; 1 process resumes to step 6 (elastic); 2
+  processes resume again to step 8. Every step's losses equal one process with 4 devices
+  training on the same global batches: the saved params and optimizer state carry over, and
+  the data continues where it stopped (which global batches those are is built here with the
+  pipeline exactly as the trainer builds them; that they read every example once is
+  tests/test_pipeline.py::test_elastic_resume_reads_every_example_once)."""
   multi = str(tmp_path / "multi")
   _run_two_processes(multi, shapes_data_dir, 4, tmp_path, "first")
   assert sorted(os.listdir(os.path.join(multi, "checkpoints")))[-1] == "4"
-  _run_two_processes(multi, shapes_data_dir, 8, tmp_path, "resume")   # resumes from step 4
+  _run_one_process(multi, shapes_data_dir, 6, tmp_path, "one")          # resumes from step 4
+  _run_two_processes(multi, shapes_data_dir, 8, tmp_path, "again")      # resumes from step 6
 
   # The same 8 global batches on ONE process with 4 devices. The global batch of a step is the
-  # concatenation of the processes' batches (process 0's examples first), built here from the
-  # pipeline exactly as each process built its share.
+  # concatenation of the processes' batches (process 0's examples first).
   config = tiny_config("coca", shapes_data_dir, os.path.join(multi, "tokenizer.model"),
                        total_steps=8, **COMMON)
   tok = tok_lib.Tokenizer.load(os.path.join(multi, "tokenizer.model"))
   field_ops = tasks.get(config.task).train_ops(config, tok)
-  its = [pipeline.make_train_iterator(config.data, field_ops, batch_size=config.batch_size // 2,
-                                      process_index=p, process_count=2)
-         for p in range(2)]
-  batches = []
-  for _ in range(8):
-    parts = [next(it) for it in its]
-    batches.append({k: np.concatenate([p[k] for p in parts]) for k in ("image", "text")})
+
+  def iterators(count, states=None):
+    its = [pipeline.make_train_iterator(config.data, field_ops,
+                                        batch_size=config.batch_size // count,
+                                        process_index=p, process_count=count)
+           for p in range(count)]
+    for p, it in enumerate(its):
+      if states is not None:
+        it.set_state(pipeline.resume_state(states, p, count))
+    return its
+
+  batches, its = [], iterators(2)
+  for steps, count in ((4, 2), (2, 1), (2, 2)):
+    if len(its) != count:
+      its = iterators(count, [it.get_state() for it in its])
+    for _ in range(steps):
+      parts = [next(it) for it in its]
+      batches.append({k: np.concatenate([p[k] for p in parts]) for k in ("image", "text")})
   _, history, _ = run_steps(config, batches, devices=jax.devices()[:4])
 
   a = logged(multi)

@@ -429,3 +429,56 @@ def test_per_example_randomness_does_not_depend_on_the_process_count(tmp_path, t
     np.testing.assert_array_equal(single[label][1], split[label][1])
   # The draw is really random: not every example got its first caption.
   assert len({tok.decode(np.asarray([t]))[0].split()[0] for t, _ in single.values()}) > 1
+
+
+def _labelled_jsonl(tmp_path, n, bad=()):
+  """captions.jsonl whose label is the line index (so a batch names its examples)."""
+  path = write_jsonl(str(tmp_path / "j"), n, bad=bad)
+  lines = [json.loads(l) for l in open(path)]
+  with open(path, "w") as f:
+    for i, line in enumerate(lines):
+      f.write(json.dumps({**line, "label": i}) + "\n")
+  return make_config(source="jsonl", train_jsonl=path, eval_jsonl=path, num_epochs=1)
+
+
+def _resume_all(states, config, tok, process_count, batch_size):
+  its = [train_iter(config, tok, process_index=p, process_count=process_count,
+                    batch_size=batch_size) for p in range(process_count)]
+  for p, it in enumerate(its):
+    it.set_state(pipeline.resume_state(states, p, process_count))
+  return its
+
+
+def test_elastic_resume_reads_every_example_once(tmp_path, tok):
+  """2 processes -> 1 -> 2 over one epoch, with bad examples making the processes drift apart:
+  every good example is read exactly once, none twice, none skipped; the skip counts carry
+  over."""
+  bad = {1, 2, 3, 9}
+  config = _labelled_jsonl(tmp_path, 40, bad=bad)
+  seen = []
+  labels = lambda batch: [int(l) for l in batch["label"]]
+  # 2 processes, 3 batches of 3 each (their shares hold different numbers of bad examples).
+  its = [train_iter(config, tok, process_index=p, process_count=2, batch_size=3)
+         for p in range(2)]
+  for _ in range(3):
+    for it in its:
+      seen += labels(next(it))
+  states = [it.get_state() for it in its]
+  assert states[0]["stream"]["next_index"] != states[1]["stream"]["next_index"]
+  # 1 process, 2 batches of 5.
+  (one,) = _resume_all(states, config, tok, 1, 5)
+  for _ in range(2):
+    seen += labels(next(one))
+  # 2 processes again, to the end of the epoch (batch 1: no partial batch is dropped).
+  its = _resume_all([one.get_state()], config, tok, 2, 1)
+  for it in its:
+    seen += [l for batch in it for l in labels(batch)]
+  assert len(seen) == len(set(seen)), sorted(seen)
+  assert sorted(seen) == sorted(set(range(40)) - bad)
+  assert sum(sum(it.skipped_counts().values()) for it in its) == len(bad)
+  # Tar shards are assigned to processes: resuming them on another count is refused by name.
+  write_shards(str(tmp_path / "w"), 2, 2)
+  wds = make_config(source="wds", train_shards=str(tmp_path / "w" / "*.tar"))
+  state = train_iter(wds, tok, process_index=0, process_count=1, batch_size=1).get_state()
+  with pytest.raises(ValueError, match="tar shards"):
+    pipeline.resume_state([state], 0, 2)

@@ -163,8 +163,10 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta))
     return self.manager.save(step, args=args, force=True)
 
-  def restore(self, step: int | None, abstract_state: PyTree) -> tuple[PyTree, Any, dict]:
-    """Restores (state, this process's data state, meta) at `step` (latest if None).
+  def restore(self, step: int | None, abstract_state: PyTree) -> tuple[PyTree, list, dict]:
+    """Restores (state, every process's data state in process order, meta) at `step` (latest
+    if None). The data states come from the processes that wrote the checkpoint, which may be
+    another number than now (`vlm_jax.data.pipeline.resume_state` picks this process's).
 
     `abstract_state` holds ShapeDtypeStructs with the target shardings, so a checkpoint written
     on one mesh is re-laid-out onto the current one.
@@ -172,20 +174,16 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    self._check_ema(step, _get(abstract_state, "ema_params") is not None)
+    ema = (abstract_state.get("ema_params") if isinstance(abstract_state, dict)
+           else getattr(abstract_state, "ema_params", None))
+    self._check_ema(step, ema is not None)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=abstract_state,
             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
         data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
-    per_process = restored.data["per_process"]
-    pid, count = jax.process_index(), jax.process_count()
-    if len(per_process) != count:
-      raise ValueError(
-          f"checkpoint {self.directory}/{step} was written by {len(per_process)} process(es); "
-          f"resuming with {count} process(es) cannot restore the data-iterator positions exactly")
-    return restored.state, per_process[pid], dict(restored.meta)
+    return restored.state, list(restored.data["per_process"]), dict(restored.meta)
 
   def has_ema(self, step: int) -> bool:
     """Whether the checkpoint at `step` holds EMA params (it was written with ema_decay)."""

@@ -40,6 +40,7 @@ from vlm_jax import preemption
 from vlm_jax import preflight
 from vlm_jax import runtime as runtime_lib
 from vlm_jax import tasks
+from vlm_jax.data import pipeline
 from vlm_jax.data import tokenizers
 
 
@@ -162,7 +163,12 @@ def _train_and_evaluate(config, workdir):
     latest = checkpointer.latest_step()
     data_state = None
     if latest is not None:
-      state, data_state, _ = checkpointer.restore(latest, rt.abstract_state)
+      state, data_states, _ = checkpointer.restore(latest, rt.abstract_state)
+      data_state = pipeline.resume_state(data_states, jax.process_index(), jax.process_count())
+      if len(data_states) != jax.process_count():
+        logging.warning("resuming step %d, written by %d process(es), on %d: the data continues "
+                        "at the first example none of them read", latest, len(data_states),
+                        jax.process_count())
       logging.info("resumed from %s/checkpoints/%d", workdir, latest)
     else:
       state = rt.init_state()

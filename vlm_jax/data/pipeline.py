@@ -18,6 +18,16 @@ derived from (seed, position) too. Tar shards and TFRecord-only TFDS datasets ca
 globally, so a small threaded reader walks them in an order that is a pure function of
 (seed, epoch, group, offset) (see `sources.WdsSource`), with the same guarantees.
 
+Elastic resume (random-access sources). Training reads ONE global order: position g of the
+epoch-wise shuffled, repeated dataset, preprocessed with randomness seeded by g; process p of P
+reads positions start + p, start + p + P, ... A checkpoint stores every process's count of
+positions read, which together name exactly the set of global positions consumed. Resuming on
+P' processes (`elastic_state`) starts the new shares at the first position nobody read and
+passes silently over the few beyond it that some process already read (processes drift apart
+only by the bad examples they skipped), so across any sequence of process counts every example
+of an epoch is read exactly once. Tar shards and TFRecord-only TFDS datasets are read per
+process (shards are assigned to processes), so they resume on the same process count only.
+
 Bad data (an undecodable image, no usable caption, a missing label where one is required, a
 truncated tar shard, an unreadable file) is skipped, never replaced: the batch is filled with the
 next good examples. Each skip is counted by reason (`DataIterator.skipped_counts()`, also part
@@ -183,6 +193,106 @@ class Preprocess:
 # ------------------------------------------------------------------------------------------------
 
 
+_CONSUMED = {"_consumed": True}    # a position read before an elastic resume: passed over
+
+
+_LAYOUT_KEYS = ("start", "exclude", "process_count")
+
+
+def positions_read(state: dict) -> int:
+  """How many positions of its share a stream handed out, from grain's iterator state: one
+  reader's `next_index`, or the sum over grain's worker processes (which take the share's
+  positions in turn, so what they handed out is a prefix)."""
+  if "next_index" in state:
+    return int(state["next_index"])
+  if "iterators_in_use_states" in state:
+    return sum(int(s["next_index"]) for s in state["iterators_in_use_states"])
+  raise ValueError(f"data: unrecognised iterator state {sorted(state)}")
+
+
+class _GlobalOrderStream:
+  """A process's share of the global training order (see the module docstring): positions
+  start + process_index + k * process_count, those in `exclude` passed over. Its state is
+  grain's iterator state plus the layout ('start', 'exclude', 'process_count')."""
+
+  def __init__(self, global_ds, data, process_index, process_count, start=0, exclude=()):
+    self._global_ds, self._data = global_ds, data
+    self._pi, self._pc = process_index, process_count
+    self._build(start, exclude)
+
+  def _build(self, start, exclude):
+    self._start, self._exclude = int(start), sorted(int(g) for g in exclude)
+    first, step, skip = self._start + self._pi, self._pc, frozenset(self._exclude)
+    ds = self._global_ds[first::step]
+    if skip:
+      ds = ds.map_with_index(lambda k, x: _CONSUMED if first + k * step in skip else x)
+    self._stream = _GrainStream(_to_iter(ds, self._data))
+
+  def __next__(self):
+    return next(self._stream)
+
+  def get_state(self):
+    return {**self._stream.get_state(), "start": self._start, "exclude": list(self._exclude),
+            "process_count": self._pc}
+
+  def set_state(self, state):
+    start, exclude = state.get("start", 0), state.get("exclude", [])
+    if (int(start), sorted(exclude)) != (self._start, self._exclude):
+      self._build(start, exclude)
+    grain_state = {k: v for k, v in state.items() if k not in _LAYOUT_KEYS}
+    if grain_state:      # none: a fresh layout (elastic resume), read from its beginning
+      self._stream.set_state(grain_state)
+
+  def close(self):
+    self._stream.close()
+
+
+def elastic_state(per_process: list, process_index: int, process_count: int) -> dict:
+  """This process's iterator state for resuming on `process_count` processes the training that
+  the old processes' states `per_process` (all of them, in process order) describe.
+
+  The old processes consumed global positions start + p + k * P for k < n_p (plus `exclude`).
+  Every position below start + P * min(n) is consumed; beyond it only a few are (the processes
+  that read further), so the new start is the first unconsumed position and the new `exclude`
+  the consumed ones after it: nothing read twice, nothing skipped. Raises ValueError for
+  sequential sources, whose positions are per-process shard offsets."""
+  streams = [s["stream"] for s in per_process]
+  if any("offset" in s for s in streams):
+    raise ValueError(
+        f"data: the checkpoint was written by {len(per_process)} process(es) reading tar shards "
+        f"(or TFRecord TFDS), which are assigned to processes; it resumes on {len(per_process)} "
+        f"process(es) only, not {process_count}. Random-access sources (TFDS array_record, "
+        "jsonl, imagefolder) resume on any number")
+  old_count = len(streams)
+  start = int(streams[0].get("start", 0))
+  counts = [positions_read(s) for s in streams]
+  base = start + old_count * min(counts)
+  consumed = {g for g in (int(x) for s in streams for x in s.get("exclude", [])) if g >= base}
+  for p, n in enumerate(counts):
+    consumed.update(start + p + k * old_count for k in range(min(counts), n))
+  new_start = base
+  while new_start in consumed:
+    new_start += 1
+  skipped: dict = collections.Counter()
+  if process_index == 0:     # the totals carry over once, on the first process
+    for s in per_process:
+      skipped.update(s.get("skipped", {}))
+  return {"version": _STATE_VERSION,
+          "stream": {"start": new_start,
+                     "exclude": sorted(g for g in consumed if g > new_start),
+                     "process_count": process_count},
+          "batches": max(int(s.get("batches", 0)) for s in per_process),
+          "skipped": dict(skipped)}
+
+
+def resume_state(per_process: list, process_index: int, process_count: int) -> dict:
+  """This process's iterator state from a checkpoint's per-process states: its own on the same
+  process count, else `elastic_state`."""
+  if len(per_process) == process_count:
+    return per_process[process_index]
+  return elastic_state(per_process, process_index, process_count)
+
+
 class _GrainStream:
   """Processed examples from a grain dataset; position = grain's iterator state."""
 
@@ -310,6 +420,8 @@ class DataIterator:
       except StopIteration:
         self._exhausted = True
         break
+      if "_consumed" in element:    # read before an elastic resume: not a skip
+        continue
       if "_skip" in element:
         self._skips.add(element["_skip"], element["_key"])
         if element.get("_lost"):
@@ -397,8 +509,7 @@ def make_train_iterator(data_config, field_ops, *, batch_size, process_index=0, 
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(data.num_epochs)
     # Per-example randomness (crop, caption) is seeded by the GLOBAL position, so a run draws the
     # same samples whatever the number of processes; then each process takes its share.
-    ds = ds.random_map(preprocess, seed=seed)[pi::pc]
-    stream = _GrainStream(_to_iter(ds, data))
+    stream = _GlobalOrderStream(ds.random_map(preprocess, seed=seed), data, pi, pc)
   else:
     stream = _SequentialStream(source, preprocess, process_index=pi, process_count=pc, seed=seed,
                                shuffle=True, num_epochs=data.num_epochs,
