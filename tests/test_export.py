@@ -219,6 +219,11 @@ def test_ema_is_checkpointed_and_restored_exactly(clip_run, shapes_data_dir, tok
       np.testing.assert_array_equal(got[k], want[k], err_msg=f"ema={ema} {k}")
   a, b = _flat(inference.load(clip_run, ema=True).params), _flat(inference.load(clip_run).params)
   assert any(not np.array_equal(a[k], b[k]) for k in a)   # the EMA is not the params
+  # evals.use_ema=True makes the EMA what evaluate / predict / inference load.
+  config = inference.load_config(inference.locate(clip_run))
+  config.evals.use_ema = True
+  c = _flat(inference.load(clip_run, config=config).params)
+  assert all(np.array_equal(a[k], c[k]) for k in a)
 
 
 def test_ema_refusals(shapes_data_dir, tokenizer_file, tmp_path):
