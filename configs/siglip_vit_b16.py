@@ -31,7 +31,7 @@ def get_config(arg=None):
                 act="gelu_tanh"))
   c.loss = dict(contrastive="sigmoid", contrastive_impl="chunked")
   c.data = dict(source="wds", image_size=224,
-                train_crop="resize")        # SigLIP: plain resize, no crop augmentation
+                train_crop="resize", eval_crop="resize")   # SigLIP: plain resize, no crop
   c.tokenizer = dict(vocab_size=32_000, context_length=64, pad="eos")
   c.mesh = dict(data=1, fsdp=-1)
   c.total_steps = 275_000

@@ -335,9 +335,12 @@ def test_malformed_files(tmp_path):
   (tmp_path / "half.pt").write_bytes(data[:len(data) // 2])
   with pytest.raises(convert.ConversionError, match="truncated or corrupt"):
     convert.convert_checkpoint("openclip", str(tmp_path / "half.pt"), str(out), model="ViT-B-32")
-  (tmp_path / "bad.npz").write_bytes(b"x")
+  (tmp_path / "bad.npy").write_bytes(b"x")
   with pytest.raises(convert.ConversionError, match="unknown checkpoint type"):
-    convert.convert_checkpoint("openclip", str(tmp_path / "bad.npz"), str(out), model="ViT-B-32")
+    convert.convert_checkpoint("openclip", str(tmp_path / "bad.npy"), str(out), model="ViT-B-32")
+  (tmp_path / "bad.npz").write_bytes(b"x")
+  with pytest.raises(convert.ConversionError, match="not a readable .npz archive"):
+    convert.convert_checkpoint("big_vision", str(tmp_path / "bad.npz"), str(out))
   with pytest.raises(FileNotFoundError):
     convert.convert_checkpoint("hf", str(tmp_path / "absent.safetensors"), str(out),
                                model="ViT-B-32")

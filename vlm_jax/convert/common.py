@@ -86,6 +86,9 @@ def _read_npz(path: str) -> dict[str, Any]:
   entry holding pickled objects is refused, never unpickled. bfloat16 arrays (stored by numpy as
   2-byte void) are widened to float32."""
   import ml_dtypes  # pylint: disable=g-import-not-at-top
+  if not zipfile.is_zipfile(path):   # np.load would take it for a plain pickle
+    raise ConversionError(f"convert: {path} is not a readable .npz archive (not a zip file; "
+                          "truncated or corrupt)")
   out = {}
   try:
     with np.load(path, allow_pickle=False) as archive:

@@ -41,9 +41,8 @@ class ContrastiveTask(base.Task):
     c = ml_collections.ConfigDict()
     c.embed_dim = 64
     c.proj_bias = False            # projections to the joint space are plain matrices
-    # False: no image projection, the pooled image features are the embedding (SigLIP, whose
-    # MAP head ends the image tower); embed_dim must then equal the image tower's width.
-    c.image_proj = True
+    c.image_proj = True            # False: the pooled image features are the embedding (SigLIP:
+                                   # its MAP head ends the tower); embed_dim = the image width
     c.logit_scale_init = math.log(1 / 0.07)      # SigLIP: log(10)
     c.logit_bias_init = placeholder(float)       # SigLIP: -10; None = no bias parameter
     c.max_logit_scale = 100.0      # temperature cap (CLIP)
