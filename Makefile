@@ -6,7 +6,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= runs/shapes_coca
 # Tests use 8 simulated CPU devices for the sharding tests; xdist runs two workers (2 cores).
-PYTEST_ARGS ?= -n 2
+# Modules marked xdist_group keep their tests on one worker, so their module fixtures (trained
+# runs, converted models) are built once.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: install install-test demo test clean
 

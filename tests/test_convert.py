@@ -36,6 +36,9 @@ from vlm_jax import tasks  # pylint: disable=wrong-import-position
 from vlm_jax.convert import common  # pylint: disable=wrong-import-position
 from data_fixtures import shapes_data_dir  # pylint: disable=unused-import,wrong-import-position
 
+# One worker runs the whole module: its reference models are built once.
+pytestmark = pytest.mark.xdist_group("convert")
+
 VOCAB, CONTEXT, IMAGE, PATCH, EMBED = 100, 16, 32, 8, 32
 TOL = 1e-4
 

@@ -22,6 +22,9 @@ from vlm_jax import convert  # pylint: disable=wrong-import-position
 from vlm_jax.data import tokenizers  # pylint: disable=wrong-import-position
 from test_convert import load_converted  # pylint: disable=wrong-import-position
 
+# One worker runs the whole module: its reference models are built once.
+pytestmark = pytest.mark.xdist_group("siglip_import")
+
 VOCAB, CONTEXT, IMAGE, PATCH = 120, 12, 24, 8
 VISION = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=80)
 TEXT = dict(hidden_size=40, num_hidden_layers=3, num_attention_heads=5, intermediate_size=72)
