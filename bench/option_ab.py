@@ -1,12 +1,17 @@
-r"""In-process A/B of XLA compile options on the trainer's step: one JSON line per variant.
+r"""In-process A/B of XLA compile options and config fields on the trainer's step: one JSON line
+per variant.
 
   python bench/option_ab.py --config configs/bench_cpu_clip.py \
       --variant=base --variant=conc:xla_cpu_enable_concurrency_optimized_scheduler=true \
       [--rounds 6 --steps_per_round 2]
+  python bench/option_ab.py --config configs/bench_cpu_clip.py \
+      --variant=cond --variant=select:config.nonfinite_guard=select
 
-Each `--variant NAME[:OPTION=VALUE,OPTION=VALUE...]` compiles the same lowered step with those
-XLA options (`lowered.compile(compiler_options=...)`, the DebugOptions that XLA_FLAGS also sets,
-e.g. `xla_cpu_*`, `xla_gpu_*`). The variants then run round-robin in one process on one train
+Each `--variant NAME[:OPTION=VALUE,OPTION=VALUE...]` compiles the step with those XLA options
+(`lowered.compile(compiler_options=...)`, the DebugOptions that XLA_FLAGS also sets, e.g.
+`xla_cpu_*`, `xla_gpu_*`); an option named `config.<field>` instead overrides that config field
+for the variant's step (e.g. `config.nonfinite_guard`, `config.model.attention`), which must keep
+the train state's shapes (all variants step the same state). The variants then run round-robin in one process on one train
 state, `--steps_per_round` steps each per round, so every variant sees the same machine
 conditions and the same weights. That is what makes a few-percent effect visible on a machine
 whose speed drifts by more than that between processes; separate runs with different XLA_FLAGS
@@ -14,13 +19,15 @@ cannot show it.
 
 Values: true/false, integers and floats are converted; anything else stays a string. Per
 variant: median and minimum step time over all its timed steps, `speedup` (the first variant's
-median / this one's) and its loss on one common state after the timing (equal up to rounding when
-the options keep the function).
+median / this one's), its loss on one common state after the timing (equal up to rounding when
+the options keep the function), and the size of the compiled program: `hlo_instructions` and
+`hlo_copies` (instructions, and `copy` instructions, in XLA's optimized HLO, all computations).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -71,6 +78,29 @@ def parse_variant(spec: str) -> tuple[str, dict]:
   return name, options
 
 
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (?:\([^=]*?\)|\S+) ([\w\-]+)\(", re.M)
+
+
+def hlo_sizes(hlo_text: str) -> dict:
+  """Instructions and `copy` instructions of an optimized HLO module (all computations)."""
+  ops = _INSTRUCTION.findall(hlo_text)
+  return {"hlo_instructions": len(ops), "hlo_copies": ops.count("copy")}
+
+
+def _variant_step(config, overrides: dict, rt, name: str):
+  """The trainer's jitted step for `config` with `overrides`; its state must be `rt`'s."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vlm_jax import config_utils  # pylint: disable=g-import-not-at-top
+  from vlm_jax import runtime  # pylint: disable=g-import-not-at-top
+  variant = runtime.Runtime.create(config_utils.apply_overrides(config, overrides))
+  shapes = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), s)
+  if (jax.tree.structure(variant.abstract_state) != jax.tree.structure(rt.abstract_state) or
+      shapes(variant.abstract_state) != shapes(rt.abstract_state)):
+    raise ValueError(f"--variant {name}: config overrides {overrides} change the train state; "
+                     "only fields that keep it can be compared on one state")
+  return variant.make_step()
+
+
 def run(config, variants: list[tuple[str, dict]], *, rounds: int = 6, steps_per_round: int = 2,
         seed: int = 0, config_name: str = "") -> list[dict]:
   """Compiles and times every variant; returns one record per variant (not printed)."""
@@ -85,16 +115,22 @@ def run(config, variants: list[tuple[str, dict]], *, rounds: int = 6, steps_per_
   if rounds < 1 or steps_per_round < 1:
     raise ValueError(f"--rounds={rounds} and --steps_per_round={steps_per_round} must be >= 1")
   rt, state, step_fn, _, batch = train_step.build_with_batch(config, seed)
+  steps = {}            # built outside the mesh scope, as the trainer builds its own
+  for name, options in variants:
+    overrides = {k[len("config."):]: v for k, v in options.items() if k.startswith("config.")}
+    steps[name] = _variant_step(config, overrides, rt, name) if overrides else step_fn
   with rt.context():
-    lowered = step_fn.lower(state, batch)
-    executables, compile_s = {}, {}
+    executables, compile_s, sizes = {}, {}, {}
     for name, options in variants:
+      xla = {k: v for k, v in options.items() if not k.startswith("config.")}
+      fn = steps[name]
       t0 = time.perf_counter()
       try:
-        executables[name] = lowered.compile(compiler_options=options or None)
+        executables[name] = fn.lower(state, batch).compile(compiler_options=xla or None)
       except Exception as e:  # pylint: disable=broad-except
-        raise ValueError(f"--variant {name}: XLA refused its options {options}: {e}") from e
+        raise ValueError(f"--variant {name}: XLA refused its options {xla}: {e}") from e
       compile_s[name] = time.perf_counter() - t0
+      sizes[name] = hlo_sizes(executables[name].as_text())
     times = {name: [] for name in executables}
     # Round 0 warms every executable up and is not timed.
     for r in range(rounds + 1):
@@ -117,6 +153,7 @@ def run(config, variants: list[tuple[str, dict]], *, rounds: int = 6, steps_per_
         "impl": "option_ab", "config": config_name, "variant": name, "options": options,
         "median_step_s": med, "min_step_s": min(times[name]), "steps": len(times[name]),
         "speedup": base / med, "compile_s": compile_s[name], "loss": losses[name],
+        **sizes[name],
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
     })
   return records

@@ -320,6 +320,22 @@ def test_option_ab_times_variants_round_robin():
   assert r[1]["loss"] == pytest.approx(r[0]["loss"], rel=1e-5)
 
 
+def test_option_ab_compares_config_fields_on_one_state():
+  """A config field as a variant: the skip guard inside lax.cond against the reference
+  jnp.where; the same loss, and the program sizes of both."""
+  import option_ab  # pylint: disable=g-import-not-at-top
+  config = config_utils.load_config(TINY)
+  r = option_ab.run(config, [("cond", {}), ("select", {"config.nonfinite_guard": "select"})],
+                    rounds=1, steps_per_round=1)
+  assert r[1]["options"] == {"config.nonfinite_guard": "select"}
+  assert r[1]["loss"] == pytest.approx(r[0]["loss"], rel=1e-6)
+  assert 0 < r[0]["hlo_copies"] < r[1]["hlo_copies"]      # the select path copies the moments
+  assert r[0]["hlo_instructions"] < r[1]["hlo_instructions"]
+  with pytest.raises(ValueError, match="change the train state"):
+    option_ab.run(config, [("base", {}), ("wide", {"config.model.embed_dim": 48})], rounds=1,
+                  steps_per_round=1)
+
+
 def test_option_ab_names_an_option_xla_refuses():
   import option_ab  # pylint: disable=g-import-not-at-top
   config = config_utils.load_config(TINY)

@@ -320,6 +320,38 @@ def test_nonfinite_step_is_skipped_and_counted(shapes_data_dir, tokenizer_path):
   assert float(rt.schedule(0)) != pytest.approx(float(rt.schedule(1)), rel=1e-6)
 
 
+def test_skip_guards_give_the_same_states(shapes_data_dir, tokenizer_path):
+  """The default guard (the update inside lax.cond) and the reference (jnp.where over an update
+  always computed) give the same params, optimizer state and EMA over a non-finite step and
+  two finite ones."""
+  from vlm_jax import sharding
+  from vlm_jax import train_step as step_lib
+  from train_utils import tree_equal
+  cfg = tiny_config("clip", shapes_data_dir, tokenizer_path, schedule__warmup_steps=0,
+                    ema_decay=0.9)
+  batch = real_batches(cfg, 1, tokenizer_path)[0]
+  rt = runtime.Runtime.create(cfg, jax.devices()[:2])
+  bad = dict(batch, image=np.full_like(batch["image"], np.nan))
+  finals = {}
+  with rt.context():
+    for guard in step_lib.GUARDS:
+      fn = step_lib.make_train_step(rt.task.objective(cfg, rt.model), rt.tx, rt.schedule,
+                                    batch_sharding=rt.batch_sharding, ema_decay=0.9,
+                                    guard=guard)
+      step = jax.jit(fn, in_shardings=(rt.state_shardings, rt.batch_sharding),
+                     out_shardings=(rt.state_shardings, None), donate_argnums=(0,))
+      state = rt.init_state()
+      for b in (bad, batch, batch):
+        state, _ = step(state, sharding.make_global_batch(b, rt.mesh))
+      finals[guard] = jax.device_get(state)
+  assert int(finals["cond"].nonfinite_total) == 1
+  a, b = finals["cond"], finals["select"]
+  for field in ("params", "opt_state", "ema_params", "step", "nonfinite_total"):
+    assert tree_equal(getattr(a, field), getattr(b, field)), field
+  with pytest.raises(ValueError, match="guard"):
+    step_lib.make_train_step(None, rt.tx, rt.schedule, guard="maybe")
+
+
 def test_too_many_nonfinite_steps_stop_the_run(shapes_data_dir, tokenizer_path, tmp_path):
   # exp(1000) = inf: every step is non-finite from the start.
   cfg = tiny_config("clip", shapes_data_dir, tokenizer_path, model__logit_scale_init=1000.0,

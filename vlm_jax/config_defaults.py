@@ -55,6 +55,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.schedule.cooldown_steps = 0    # rsqrt: linear decay to 0 over the last steps
 
   c.max_consecutive_nonfinite = 10  # this many skipped (NaN/Inf) steps in a row stop the run
+  c.nonfinite_guard = "cond"       # skip a NaN/Inf step: 'cond' (update in lax.cond) | 'select'
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3

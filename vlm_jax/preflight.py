@@ -29,6 +29,7 @@ from vlm_jax import config_utils
 from vlm_jax import optim
 from vlm_jax import sharding
 from vlm_jax import tasks as tasks_lib
+from vlm_jax import train_step as step_lib
 
 
 def check_evals(config, task_name: Optional[str] = None) -> None:
@@ -106,6 +107,10 @@ def trainer_problems(config, num_devices=None) -> list:
                     f"{jax.default_backend()}); use 'xla' or 'einsum'")
   if config.total_steps < 1:
     problems.append(f"total_steps: {config.total_steps} must be >= 1")
+  guard = config.get("nonfinite_guard") or "cond"
+  if guard not in step_lib.GUARDS:
+    problems.append(f"nonfinite_guard: unknown guard {guard!r}; expected one of "
+                    f"{', '.join(step_lib.GUARDS)}")
   ema = config.get("ema_decay")
   if ema is not None and not 0.0 < float(ema) < 1.0:
     problems.append(f"ema_decay: {ema} must be in (0, 1) (e.g. 0.9999), or None for no EMA")

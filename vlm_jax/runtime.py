@@ -100,7 +100,8 @@ class Runtime:
     step = step_lib.make_train_step(
         self.task.objective(self.config, self.model), self.tx, self.schedule,
         grad_accum_steps=self.config.grad_accum_steps, batch_sharding=self.batch_sharding,
-        ema_decay=self.config.get("ema_decay"), ema_warmup=bool(self.config.get("ema_warmup")))
+        ema_decay=self.config.get("ema_decay"), ema_warmup=bool(self.config.get("ema_warmup")),
+        guard=self.config.get("nonfinite_guard") or "cond")
     return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 

@@ -36,6 +36,9 @@ from vlm_jax.train_state import TrainState, ema_decay_at
 PyTree = Any
 
 
+GUARDS = ("cond", "select")
+
+
 def loss_and_grads_fn(objective, grad_accum_steps: int = 1, batch_sharding=None) -> Callable:
   """(params, batch, rng) -> (loss, metrics, grads) of `objective` on the whole batch, computed
   in one pass (k = 1) or by GradCache accumulation over k micro-batches (see the module
@@ -129,42 +132,58 @@ def loss_and_grads_fn(objective, grad_accum_steps: int = 1, batch_sharding=None)
 
 def make_train_step(objective, tx: optax.GradientTransformation, schedule: Callable, *,
                     grad_accum_steps: int = 1, batch_sharding=None,
-                    ema_decay: float | None = None, ema_warmup: bool = True
+                    ema_decay: float | None = None, ema_warmup: bool = True,
+                    guard: str = "cond"
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Returns the pure `train_step(state, batch) -> (state, metrics)`.
 
   objective: the task's `Objective` (forward pass and loss terms).
   ema_decay: with a state holding `ema_params`, their decay (`train_state.ema_decay_at`); a
     skipped (non-finite) step leaves them untouched like the params.
+  guard: how a non-finite step is skipped. 'cond' (default): the optimizer update runs inside
+    `lax.cond`, only when the loss and gradients are finite, and writes params, moments and EMA
+    in place of the donated ones. 'select' (the reference): the update always runs and
+    `jnp.where` keeps the old values, which makes XLA copy every moment each step (the select
+    reads the old moments while the new ones are written into the donated buffers).
   metrics: float32 scalars: the loss and its terms, the objective's logged outputs, grad and
   param norms, the learning rate, and the non-finite counters.
   """
   loss_and_grads = loss_and_grads_fn(objective, grad_accum_steps, batch_sharding)
+  if guard not in GUARDS:
+    raise ValueError(f"guard {guard!r}: expected one of {', '.join(GUARDS)}")
+
+  def update(params, opt_state, ema, grads, updates_before):
+    """(new params, new optimizer state, new EMA) of one applied update."""
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    if ema is not None:
+      if ema_decay is None:
+        raise ValueError("the train state holds EMA params but no ema_decay was given")
+      d = ema_decay_at(ema_decay, updates_before, ema_warmup)
+      ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, new_params)
+    return new_params, new_opt_state, ema
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     loss, metrics, grads = loss_and_grads(state.params, batch, rng)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A non-finite step leaves params and optimizer state untouched (and is counted); the
-    # update is still computed (static graph) but selected away.
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    # A non-finite step leaves params, optimizer state and EMA untouched (and is counted).
+    old = (state.params, state.opt_state, state.ema_params)
+    updates_before = state.step - state.nonfinite_total   # steps taken minus steps skipped
+    if guard == "cond":
+      new_params, new_opt_state, ema = jax.lax.cond(
+          finite, lambda o, g: update(*o, g, updates_before), lambda o, g: o, old, grads)
+    else:
+      new = update(*old, grads, updates_before)
+      new_params, new_opt_state, ema = jax.tree.map(
+          lambda a, b: jnp.where(finite, a, b), new, old)
     skipped = 1 - finite.astype(jnp.int32)
-    ema = state.ema_params
-    if ema is not None:
-      if ema_decay is None:
-        raise ValueError("the train state holds EMA params but no ema_decay was given")
-      # Updates applied before this one: steps taken minus steps skipped.
-      d = ema_decay_at(ema_decay, state.step - state.nonfinite_total, ema_warmup)
-      ema = keep(jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype),
-                              ema, new_params), ema)
     new_state = state.replace(
         ema_params=ema,
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
+        params=new_params,
+        opt_state=new_opt_state,
         nonfinite_total=state.nonfinite_total + skipped,
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
