@@ -25,7 +25,6 @@ the options keep the function), and the size of the compiled program: `hlo_instr
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import statistics

@@ -9,7 +9,6 @@ torchvision) is imported back bitwise, and its state dict must equal the test's 
 HF -> OpenAI key mapping applied to the transformers-verified HF export.
 """
 import json
-import os
 import subprocess
 import sys
 

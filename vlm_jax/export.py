@@ -85,8 +85,6 @@ def problems(config, fmt: str, tokenizer=None, towers_only: bool = False) -> lis
       out.append(f"model.text.pool={text.pool!r}, pad_id={text.pad_id}: SiglipModel reads the "
                  "last position with no padding mask (train with model.text.pool='last', "
                  "model.text.pad_id=-1 and tokenizer.pad='eos', as big_vision's SigLIP)")
-    if image.act != text.act and fmt == "openclip":
-      out.append("different activations per tower")
   else:
     if not (image.class_token and image.pool == "cls"):
       out.append(f"model.image.pool={image.pool!r}, class_token={image.class_token}: CLIP towers "
