@@ -186,7 +186,7 @@ def to_hf_clip(params: dict, config) -> dict:
            f"{e}.class_embedding": np.asarray(img["cls"]),
            f"{e}.position_embedding.weight": np.asarray(img["pos_embedding"])}
   state.update(_norm(img.get("ln_pre") or _identity_norm(width), "vision_model.pre_layrnorm"))
-  state.update(_hf_encoder(img["encoder"], "vision_model", int(config_depth(m.image)),
+  state.update(_hf_encoder(img["encoder"], "vision_model", _sizes(config)["depth"],
                            "post_layernorm"))
   state.update(_linear(params["image_projection"], "visual_projection", bias=False))
   state["text_model.embeddings.token_embedding.weight"] = np.asarray(
@@ -206,7 +206,7 @@ def to_hf_siglip(params: dict, config) -> dict:
            f"{e}.patch_embedding.bias": np.asarray(img["embedding"].get(
                "bias", np.zeros((width,), np.float32))),
            f"{e}.position_embedding.weight": np.asarray(img["pos_embedding"])}
-  state.update(_hf_encoder(img["encoder"], "vision_model", int(config_depth(m.image)),
+  state.update(_hf_encoder(img["encoder"], "vision_model", _sizes(config)["depth"],
                            "post_layernorm"))
   head, h = img["map_head"], "vision_model.head"
   parts = _attention_parts(head["attn"])
@@ -252,7 +252,7 @@ def to_openclip(params: dict, config) -> dict:
            "visual.positional_embedding": np.asarray(img["pos_embedding"])}
   if "ln_pre" in img:
     state.update(_norm(img["ln_pre"], "visual.ln_pre"))
-  for i in range(int(config_depth(m.image))):
+  for i in range(_sizes(config)["depth"]):
     state.update(_openclip_block(img["encoder"][f"block_{i}"],
                                  f"visual.transformer.resblocks.{i}"))
   state.update(_norm(img["encoder"]["encoder_norm"], "visual.ln_post"))
@@ -265,11 +265,6 @@ def to_openclip(params: dict, config) -> dict:
   state["text_projection"] = np.asarray(params["text_projection"]["kernel"])
   state["logit_scale"] = np.asarray(params["logit_scale"], np.float32).reshape(())
   return state
-
-
-def config_depth(image_cfg) -> int:
-  from vlm_jax.models import vit  # pylint: disable=g-import-not-at-top
-  return vit.sizes(image_cfg)["depth"]
 
 
 # ------------------------------------------------------------------------------------------------
