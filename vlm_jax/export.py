@@ -284,50 +284,42 @@ def text_eos_id(config, tokenizer) -> int:
   return int(tokenizer.eos_id)
 
 
-def hf_clip_config(config, tokenizer) -> dict:
+def _hf_towers(config, family: str) -> tuple[dict, dict]:
+  """The fields CLIPModel's and SiglipModel's text / vision configs share."""
   m, s = config.model, _sizes(config)
-  eos = text_eos_id(config, tokenizer)
-  return {
-      "architectures": ["CLIPModel"], "model_type": "clip",
-      "projection_dim": int(m.embed_dim), "logit_scale_init_value": float(m.logit_scale_init),
-      "text_config": {
-          "model_type": "clip_text_model", "vocab_size": int(m.text.vocab_size),
+  text = {"model_type": f"{family}_text_model", "vocab_size": int(m.text.vocab_size),
           "hidden_size": int(m.text.width), "intermediate_size": int(m.text.mlp_dim),
           "num_hidden_layers": int(m.text.depth), "num_attention_heads": int(m.text.num_heads),
           "max_position_embeddings": int(m.text.context_length),
-          "hidden_act": _HF_ACT[m.text.act], "layer_norm_eps": float(m.text.ln_eps),
-          "projection_dim": int(m.embed_dim), "eos_token_id": eos,
-          "bos_token_id": int(getattr(tokenizer, "bos_id", -1)) if tokenizer else None,
-          "pad_token_id": int(getattr(tokenizer, "pad_id", 0)) if tokenizer else 0},
-      "vision_config": {
-          "model_type": "clip_vision_model", "hidden_size": s["width"],
-          "intermediate_size": s["mlp_dim"], "num_hidden_layers": s["depth"],
-          "num_attention_heads": s["num_heads"], "image_size": int(m.image.image_size),
-          "patch_size": s["patch_size"], "hidden_act": _HF_ACT[m.image.act],
-          "layer_norm_eps": float(m.image.ln_eps), "projection_dim": int(m.embed_dim)},
-  }
+          "hidden_act": _HF_ACT[m.text.act], "layer_norm_eps": float(m.text.ln_eps)}
+  vision = {"model_type": f"{family}_vision_model", "hidden_size": s["width"],
+            "intermediate_size": s["mlp_dim"], "num_hidden_layers": s["depth"],
+            "num_attention_heads": s["num_heads"], "image_size": int(m.image.image_size),
+            "patch_size": s["patch_size"], "hidden_act": _HF_ACT[m.image.act],
+            "layer_norm_eps": float(m.image.ln_eps)}
+  return text, vision
+
+
+def hf_clip_config(config, tokenizer) -> dict:
+  m = config.model
+  text, vision = _hf_towers(config, "clip")
+  text.update(projection_dim=int(m.embed_dim), eos_token_id=text_eos_id(config, tokenizer),
+              bos_token_id=int(getattr(tokenizer, "bos_id", -1)) if tokenizer else None,
+              pad_token_id=int(getattr(tokenizer, "pad_id", 0)) if tokenizer else 0)
+  vision.update(projection_dim=int(m.embed_dim))
+  return {"architectures": ["CLIPModel"], "model_type": "clip",
+          "projection_dim": int(m.embed_dim), "logit_scale_init_value": float(m.logit_scale_init),
+          "text_config": text, "vision_config": vision}
 
 
 def hf_siglip_config(config, tokenizer) -> dict:
-  m, s = config.model, _sizes(config)
-  return {
-      "architectures": ["SiglipModel"], "model_type": "siglip",
-      "text_config": {
-          "model_type": "siglip_text_model", "vocab_size": int(m.text.vocab_size),
-          "hidden_size": int(m.text.width), "intermediate_size": int(m.text.mlp_dim),
-          "num_hidden_layers": int(m.text.depth), "num_attention_heads": int(m.text.num_heads),
-          "max_position_embeddings": int(m.text.context_length),
-          "hidden_act": _HF_ACT[m.text.act], "layer_norm_eps": float(m.text.ln_eps),
-          "projection_size": int(m.embed_dim),
-          "eos_token_id": int(tokenizer.eos_id) if tokenizer else None,
-          "pad_token_id": int(tokenizer.pad_id) if tokenizer else None},
-      "vision_config": {
-          "model_type": "siglip_vision_model", "hidden_size": s["width"],
-          "intermediate_size": s["mlp_dim"], "num_hidden_layers": s["depth"],
-          "num_attention_heads": s["num_heads"], "image_size": int(m.image.image_size),
-          "patch_size": s["patch_size"], "hidden_act": _HF_ACT[m.image.act],
-          "layer_norm_eps": float(m.image.ln_eps), "vision_use_head": True},
-  }
+  text, vision = _hf_towers(config, "siglip")
+  text.update(projection_size=int(config.model.embed_dim),
+              eos_token_id=int(tokenizer.eos_id) if tokenizer else None,
+              pad_token_id=int(tokenizer.pad_id) if tokenizer else None)
+  vision.update(vision_use_head=True)
+  return {"architectures": ["SiglipModel"], "model_type": "siglip",
+          "text_config": text, "vision_config": vision}
 
 
 def openclip_config(config, tokenizer) -> dict:

@@ -108,6 +108,19 @@ def _check_family(state: dict, arch: ClipArch, source: str, model: str) -> None:
                                  f"describes a {arch.family} model")
 
 
+def text_tower(r: common.StateReader, arch: ClipArch) -> dict:
+  """text_model.* -> our text tower (the same layout in CLIPModel and SiglipModel)."""
+  wt = arch.text_width
+  return {
+      "token_embedding": {"embedding": r.get("text_model.embeddings.token_embedding.weight",
+                                             (arch.vocab_size, wt))},
+      "pos_embedding": r.get("text_model.embeddings.position_embedding.weight",
+                             (arch.context_length, wt)),
+      "encoder": encoder(r, "text_model", arch.text_layers, wt, arch.text_heads, arch.text_mlp,
+                         "final_layer_norm"),
+  }
+
+
 def convert(state: dict, arch: ClipArch, *, source: str, model: str) -> dict:
   """Returns the TwoTower params (numpy) for `state`; raises ConversionError on any mismatch."""
   _check_family(state, arch, source, model)
@@ -127,14 +140,7 @@ def convert(state: dict, arch: ClipArch, *, source: str, model: str) -> dict:
       "encoder": encoder(r, "vision_model", arch.vision_layers, w, arch.vision_heads,
                          arch.vision_mlp, "post_layernorm"),
   }
-  text = {
-      "token_embedding": {"embedding": r.get("text_model.embeddings.token_embedding.weight",
-                                             (arch.vocab_size, wt))},
-      "pos_embedding": r.get("text_model.embeddings.position_embedding.weight",
-                             (arch.context_length, wt)),
-      "encoder": encoder(r, "text_model", arch.text_layers, wt, arch.text_heads, arch.text_mlp,
-                         "final_layer_norm"),
-  }
+  text = text_tower(r, arch)
   params = {
       "image": image,
       "text": text,
@@ -179,14 +185,7 @@ def convert_siglip(state: dict, arch: ClipArch, *, source: str, model: str) -> d
                          arch.vision_mlp, "post_layernorm"),
       "map_head": map_head(r, "vision_model.head", w, arch.vision_heads, arch.vision_mlp),
   }
-  text = {
-      "token_embedding": {"embedding": r.get("text_model.embeddings.token_embedding.weight",
-                                             (arch.vocab_size, wt))},
-      "pos_embedding": r.get("text_model.embeddings.position_embedding.weight",
-                             (arch.context_length, wt)),
-      "encoder": encoder(r, "text_model", arch.text_layers, wt, arch.text_heads, arch.text_mlp,
-                         "final_layer_norm"),
-  }
+  text = text_tower(r, arch)
   params = {
       "image": image,
       "text": text,
