@@ -16,6 +16,8 @@
 #   train_step/flash_attention  the recipe's step with model.attention=cudnn (cuDNN's flash
 #                          kernel through jax.nn.dot_product_attention)
 #   decode                 CoCa ViT-B/32 captions, greedy and beam 3 at 8 / 32 / 64 tokens
+#   nonfinite_guard        the recipe's step with the NaN guard as lax.cond (default) against
+#                          jnp.where, alternating in one process (bench/option_ab.py)
 #   (planned: the prefix-LM step; recorded as not available yet)
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), BATCH (global batch of
 # the train step, default 128: without remat the step holds about 0.5 GiB of activations an
@@ -66,12 +68,14 @@ if ((dry_run)); then
         --config.model.scan=True --config.model.remat=True   # as coca_vit_b32 runs
         --config.model.remat_policy=dots_no_batch)
   floor=(--repeats=1 --min_time=0.001 --torch=false)
+  ab=(--rounds=1 --steps_per_round=1)
   flash=xla          # cuDNN's kernel needs a GPU; the dry run checks the stage with XLA's
 else
   clip=(--config=configs/bench_vit_b16_clip.py "--config.batch_size=${BATCH:-128}")
   steps=(--steps=10 --warmup=3)
   coca=(--config=configs/coca_vit_b32.py --batch=32 "--lengths=8,32,64" "--beams=1,3" --repeats=3)
   floor=(--repeats=3 --torch=false)
+  ab=(--rounds=3 --steps_per_round=2)
   flash=cudnn
 fi
 
@@ -124,6 +128,11 @@ run_stage train_step/flash_attention "${python}" bench/train_step.py "${clip[@]}
 run_stage matmul_floor "${python}" bench/matmul_floor.py "${clip[@]}" "${floor[@]}" \
     --config.model.scan=False --config.model.remat=False   # the floor counts a straight line
 run_stage decode "${python}" bench/decode.py "${coca[@]}"
+# The non-finite guard: the update inside lax.cond (default; on a GPU its predicate is read on
+# the host) against jnp.where over an always-computed update (copies of the moments).
+run_stage nonfinite_guard "${python}" bench/option_ab.py "${clip[@]}" "${ab[@]}" \
+    --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch \
+    --variant=cond --variant=select:config.nonfinite_guard=select
 not_available prefix_lm_step "there is no prefix-LM task yet"
 
 "${python}" "${here}/gpu_summary.py" "${results}" | tee "${out}/summary.md"

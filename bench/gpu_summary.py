@@ -8,7 +8,8 @@ import sys
 COLUMNS = (("samples_per_s", "samples/s"), ("tflops_per_device", "TFLOP/s/dev"), ("mfu", "MFU"),
            ("peak_memory_gib", "peak GiB"), ("compile_s", "compile s"),
            ("xla_floor_s", "matmul floor s"), ("max_samples_per_s_xla", "floor samples/s"),
-           ("captions_per_s", "captions/s"), ("ms_per_token", "ms/token"))
+           ("captions_per_s", "captions/s"), ("ms_per_token", "ms/token"),
+           ("median_step_s", "step s"), ("speedup", "speedup"))
 
 
 def fmt(value):
@@ -29,8 +30,8 @@ def rows(records):
       continue
     if r.get("peak_memory_bytes"):
       r = {**r, "peak_memory_gib": r["peak_memory_bytes"] / 2**30}
-    setting = ", ".join(f"{k}={r[k]}" for k in ("batch_size", "beam", "max_len", "batch")
-                        if k in r)
+    setting = ", ".join(f"{k}={r[k]}" for k in ("batch_size", "beam", "max_len", "batch",
+                                                "variant") if k in r)
     note = r.get("failed") or r.get("not_available") or ""
     if r.get("failed") and r.get("error_tail"):
       note += ": " + r["error_tail"][-1][:120]

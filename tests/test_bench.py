@@ -364,7 +364,7 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     by_stage.setdefault(r["stage"], []).append(r)
   assert set(by_stage) == {"env", "train_step/base", "train_step/scan_remat",
                            "train_step/flash_attention", "matmul_floor", "decode",
-                           "prefix_lm_step"}
+                           "nonfinite_guard", "prefix_lm_step"}
   assert by_stage["env"][0]["devices"] == 2
   for stage in ("train_step/base", "train_step/scan_remat"):
     assert by_stage[stage][0]["samples_per_s"] > 0 and by_stage[stage][0]["mfu"] > 0
@@ -372,6 +372,9 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
   decode = {(r["beam"], r["max_len"]): r for r in by_stage["decode"]}
   assert set(decode) == {(1, 4), (1, 8), (2, 4), (2, 8)}
   assert all(r["captions_per_s"] > 0 and r["ms_per_token"] > 0 for r in decode.values())
+  guard = {r["variant"]: r for r in by_stage["nonfinite_guard"]}
+  assert set(guard) == {"cond", "select"}
+  assert guard["select"]["loss"] == pytest.approx(guard["cond"]["loss"], rel=1e-6)
   summary = (tmp_path / "summary.md").read_text().splitlines()
   assert summary[0].startswith("jax ") and len([l for l in summary if l.startswith("| ")]) == \
       1 + len(records) - 1       # the header row, then one row per result (env is the title)
