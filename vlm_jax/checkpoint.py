@@ -187,11 +187,7 @@ class Checkpointer:
 
   def has_ema(self, step: int) -> bool:
     """Whether the checkpoint at `step` holds EMA params (it was written with ema_decay)."""
-    state = self.manager.item_metadata(step)["state"]
-    try:
-      return _get(state, "ema_params") is not None
-    except (KeyError, AttributeError, TypeError):
-      return False
+    return _ema_in(self.manager.item_metadata(step)["state"])
 
   def _check_ema(self, step: int, want: bool) -> None:
     have = self.has_ema(step)
@@ -218,10 +214,10 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"{field}: no checkpoint in {self.directory}")
     item_key = "ema_params" if ema else "params"
-    if ema and not self.has_ema(step):
+    meta = self.manager.item_metadata(step)["state"]
+    if ema and not _ema_in(meta):
       raise ValueError(f"{field}: checkpoint {self.directory}/{step} has no EMA weights (its "
                        "run had no ema_decay); use its params (no --ema / evals.use_ema)")
-    meta = self.manager.item_metadata(step)["state"]
     saved = flatten(_get(meta, item_key))
     wanted = flatten(abstract_params)
     _check_block_layouts(saved, wanted, field)
@@ -257,6 +253,13 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _ema_in(state_metadata) -> bool:
+  try:
+    return _get(state_metadata, "ema_params") is not None
+  except (KeyError, AttributeError, TypeError):
+    return False
 
 
 def _block_layout(paths) -> Optional[str]:

@@ -88,7 +88,7 @@ class Runtime:
 
   def init_state(self) -> ts.TrainState:
     """The initial train state, created directly with its shardings."""
-    ema = self.config.get("ema_decay") is not None
+    ema = self.state_shardings.ema_params is not None
     init = jax.jit(lambda rng: ts.init_train_state(
         lambda r: self.task.init_params(self.model, self.config, r), self.tx, rng, ema=ema),
                    out_shardings=self.state_shardings)

@@ -84,8 +84,9 @@ def convert_checkpoint(fmt: str, checkpoint: str, out: str, *, model: str | None
   check_out_dir(out)
   source = os.path.basename(checkpoint)
   if fmt == "big_vision" and not model:
-    state = read_checkpoint(checkpoint)
-    arch = big_vision.infer_arch(big_vision.prepare(state, source), source)
+    # Prepared once here (its own convert's prepare is then a no-op over plain names).
+    state = big_vision.prepare(read_checkpoint(checkpoint), source)
+    arch = big_vision.infer_arch(state, source)
     model_name = "the checkpoint's shapes"
   else:
     arch, model_name = configs.resolve_arch(model, fmt, checkpoint)
