@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TOWER = {"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
 TOWERS = {"clip": ("image", "text"), "siglip": ("image", "text"),
           "coca": ("image", "text", "decoder"), "captioning": ("image", "decoder"),
-          "classify": ("image",)}
+          "classify": ("image",), "prefixlm": ("image", "lm")}
 TRAINER = {"batch_size": 16, "evals.run": "", "progress_bar": False,
            "async_checkpointing": False}
 

@@ -84,6 +84,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.text_key = "captions"        # coco_captions: 'captions/text'; '' = no text
   c.label_key = "label"          # '' = no label
   c.id_key = "id"                # record id for logs; coco_captions: 'image/filename'; '' = index
+  c.questions_key = ""           # VQA questions + answers (shapes: 'questions'); '' = none
   # WebDataset-style tar shards: brace and/or glob patterns, e.g. 'shards/{00000..00099}.tar'.
   c.train_shards = placeholder(str)
   c.eval_shards = placeholder(str)

@@ -1,6 +1,10 @@
 r"""The CPU demo: prepare the embedded shapes data, train a tiny CoCa, evaluate, print the figures.
 
   python -m vlm_jax.demo --workdir runs/shapes_coca [--config.total_steps=...]
+  python -m vlm_jax.demo --config configs/shapes_prefixlm.py     # prefix-LM captioning + VQA
+
+The workdir defaults to runs/<config file name>. The figures checked against targets depend on
+the task (`TARGETS`).
 
 The dataset is generated once into the vlm_jax cache (`vlm_jax.data.cache`: $VLM_JAX_CACHE,
 default ~/.cache/vlm_jax), where `evaluate`, the launch scripts and the notebooks find it too; training resumes if the workdir already holds a checkpoint (a finished run only
@@ -20,9 +24,13 @@ from vlm_jax import preemption
 # The demo's experiment file, in the repository next to the package.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "shapes_coca.py")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/shapes_coca", "Run directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 
-TARGETS = {"zeroshot/shapes/top1": 0.90, "caption/shapes/cider": 1.0}
+# task -> {metric: the least value the demo config reaches on the shapes test split}.
+TARGETS = {
+    "coca": {"zeroshot/shapes/top1": 0.90, "caption/shapes/cider": 1.0},
+    "prefix_lm": {"vqa/shapes/accuracy": 0.85, "caption/shapes/cider": 1.0},
+}
 
 
 def main(argv):
@@ -32,15 +40,17 @@ def main(argv):
   from vlm_jax.data import cache  # pylint: disable=g-import-not-at-top
   from vlm_jax import runtime  # pylint: disable=g-import-not-at-top
   from vlm_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = _WORKDIR.value or os.path.join(
+      "runs", os.path.splitext(os.path.basename(spec.split(":")[0]))[0])
   t0 = time.time()
   where = cache.tfds_data_dir(config.data.name, config.data.data_dir)
   print(f"[demo] preparing {config.data.name} in {where} ...", flush=True)
   runtime.prepare_data(config)
   t1 = time.time()
   print(f"[demo] data ready ({t1 - t0:.0f}s); training {config.total_steps} steps of "
-        f"{config.batch_size} into {_WORKDIR.value}", flush=True)
+        f"{config.batch_size} into {workdir}", flush=True)
   try:
-    final = train.train_and_evaluate(config, _WORKDIR.value)
+    final = train.train_and_evaluate(config, workdir)
   except preemption.Preempted as e:
     print(f"[demo] stopped: {e}; run it again to resume", flush=True)
     return preemption.EXIT_PREEMPTED
@@ -53,7 +63,7 @@ def main(argv):
   for key in sorted(final):
     if key.startswith("eval/") and not key.endswith("num_examples"):
       print(f"  {key[5:]:40s} {final[key]:.4f}")
-  for key, target in TARGETS.items():
+  for key, target in TARGETS.get(config.task, {}).items():
     value = final.get("eval/" + key)
     met = value is not None and value >= target
     ok &= met

@@ -5,7 +5,8 @@
     images = model.load_images(["a.png", "b.jpg"])      # decode + resize/crop + normalise, as in eval
     model.encode_images(images)                         # float32 [N, D], unit norm
     model.encode_texts(model.tokenize(["a red circle"]))  # float32 [N, D], unit norm
-    model.generate(images, max_len=12, beam=3)          # captions (CoCa)
+    model.generate(images, max_len=12, beam=3)          # captions (CoCa, captioner, prefix-LM)
+    model.answer(images, ["how many circles are there?", ...])   # VQA (prefix-LM)
     model.classify(images, ["red circle", "blue square"])  # zero-shot probabilities [N, C]
 
 Everything needed is read from the directory: the config (DIR/config.json, else the one stored in
@@ -124,6 +125,11 @@ class Model:
     return self._ctx.has_predict_fn("generate")
 
   @property
+  def can_answer(self) -> bool:
+    """True for a model that answers visual questions (a prefix-LM)."""
+    return self._ctx.has_predict_fn("answer")
+
+  @property
   def has_classifier(self) -> bool:
     """True for a model with a trained classification head (`classify` without labels)."""
     return self._ctx.has_predict_fn("classify")
@@ -165,15 +171,52 @@ class Model:
     return self._ctx.predict_rows("image_features", {"image": self._images(images)}, batch_size)
 
   def generate(self, images, max_len: Optional[int] = None, beam: int = 1,
-               length_penalty: float = 0.0, batch_size: Optional[int] = None) -> list:
-    """Captions for preprocessed images: greedy (beam=1) or beam search, KV-cached."""
+               length_penalty: float = 0.0, batch_size: Optional[int] = None,
+               prompts: Optional[Sequence[str]] = None) -> list:
+    """Texts for preprocessed images: greedy (beam=1) or beam search, KV-cached. Without
+    `prompts`, captions; with one prompt per image (a prefix-LM), the continuation of each
+    prompt (prompts of different lengths share a batch: they are left-padded and prefilled in
+    one pass). A prompt longer than the model's context is cut at its end, with a warning."""
     captioning.check_generation(self._ctx, "generate")
     static = captioning.generate_kwargs(self._ctx, max_len, beam, length_penalty)
     generate = self._ctx.predict_fn("generate")
+    images = self._images(images)
+    rows = {"image": images}
+    if prompts is not None:
+      rows["prompt"] = self._prompts(prompts, len(images), static["max_len"])
     fn = lambda p, b: generate(p, b, **static)[0]
-    tokens = self._ctx.run_rows(("generate", tuple(sorted(static.items()))), fn,
-                                {"image": self._images(images)}, batch_size or 16)
+    tokens = self._ctx.run_rows(("generate", tuple(sorted(static.items()))), fn, rows,
+                                batch_size or 16)
     return self.tokenizer.decode(tokens) if tokens is not None else []
+
+  def answer(self, images, questions: Sequence[str], max_len: int = 8, beam: int = 1,
+             batch_size: Optional[int] = None) -> list:
+    """Answers to visual questions, one question per image (repeat an image to ask it several):
+    the question is the prompt of the prefix-LM, the generated continuation is the answer."""
+    if isinstance(questions, str):
+      questions = [questions]
+    return self.generate(images, max_len=max_len, beam=beam, batch_size=batch_size,
+                         prompts=list(questions))
+
+  def _prompts(self, prompts, count: int, max_len: int) -> np.ndarray:
+    """One left-padded row of prompt ids per image; the width is rounded up to a multiple of 8
+    so that prompts of similar lengths share one compiled function."""
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    from vlm_jax.data import ops  # pylint: disable=g-import-not-at-top
+    if isinstance(prompts, str) or len(prompts) != count:
+      raise ValueError(f"prompts: expected one prompt per image ({count}), got "
+                       f"{1 if isinstance(prompts, str) else len(prompts)}")
+    pieces = self.tokenizer.tokenize([str(p) for p in prompts])
+    room = self._ctx.context_length - 1 - max_len     # prompt + bos + answer must fit
+    if room < 1:
+      raise ValueError(f"prompts: max_len={max_len} leaves no room for a prompt in the model's "
+                       f"context of {self._ctx.context_length}")
+    width = min(room, max(8, -(-max(len(p) for p in pieces) // 8) * 8))
+    rows, cut = ops.left_padded(pieces, width, self.tokenizer.pad_id)
+    if cut.any():
+      logging.warning("prompts: %d of %d prompts were longer than %d tokens and were cut at "
+                      "the end", int(cut.sum()), len(cut), width)
+    return rows
 
   def classify(self, images, labels: Optional[Sequence[str]] = None, templates="photo"
                ) -> np.ndarray:

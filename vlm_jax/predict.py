@@ -2,8 +2,11 @@ r"""Caption and / or zero-shot classify image files with a trained checkpoint.
 
   python -m vlm_jax.predict --workdir runs/shapes_coca --image a.png [--image b.png ...] \
       [--labels "red circle,blue square"] [--templates photo] [--beam 3] [--max_len 12] [--json]
+  python -m vlm_jax.predict --workdir runs/shapes_prefixlm --image a.png \
+      --question "how many circles are there?" [--question "what colour is the square?"]
 
-For each image prints its caption (models that generate: CoCa, captioners) and, with --labels,
+For each image prints its caption (models that generate: CoCa, captioners, prefix-LMs), with
+--question (a prefix-LM) the answer to every question, and, with --labels,
 the zero-shot probability of each label (softmax over the labels; a model trained with the
 sigmoid loss: independent sigmoids). A classifier prints its top classes. Images are preprocessed
 exactly as in evaluation (config.data: resize, centre crop, normalise).
@@ -42,19 +45,30 @@ def define_flags():
                                       "Maximum caption tokens (default: context - 1).")
   f["caption"] = flags.DEFINE_bool("caption", True, "Caption the images (decoder models).")
   f["json"] = flags.DEFINE_bool("json", False, "Print one JSON object per image instead of text.")
+  f["question"] = flags.DEFINE_multi_string(
+      "question", None, "Visual question(s) asked about every image (prefix-LM models).")
   flags.mark_flags_as_required(["workdir", "image"])
 
 
 def predict(model: inference.Model, paths, labels=None, templates="photo", beam=1, max_len=None,
-            caption=True) -> list:
-  """[{'image': path, 'caption'?: str, 'probs'?: {label: p}}] for image files `paths`: the
-  caption (models that generate), zero-shot probabilities of `labels`, or a classifier's top
-  classes."""
+            caption=True, questions=None) -> list:
+  """[{'image': path, 'caption'?: str, 'answers'?: {question: answer}, 'probs'?: {label: p}}]
+  for image files `paths`: the caption (models that generate), the answers to `questions`
+  (prefix-LM models), zero-shot probabilities of `labels`, or a classifier's top classes."""
   images = model.load_images(paths)
   results = [{"image": str(p)} for p in paths]
   if caption and model.can_generate:
     for r, c in zip(results, model.generate(images, max_len=max_len, beam=beam)):
       r["caption"] = c
+  if questions:
+    if not model.can_answer:
+      raise ValueError(f"--question: task {model.task.name!r} does not answer questions (a "
+                       "prefix_lm model does)")
+    asked = [q for _ in paths for q in questions]
+    answers = model.answer(np.repeat(images, len(questions), axis=0), asked,
+                           max_len=max_len or 8, beam=beam)
+    for i, r in enumerate(results):
+      r["answers"] = dict(zip(questions, answers[i * len(questions):(i + 1) * len(questions)]))
   if labels:
     probs = model.classify(images, labels, templates=templates)
     for r, row in zip(results, probs):
@@ -81,7 +95,7 @@ def main(argv):
       raise ValueError(f"task {model.task.name!r} cannot caption or classify on its own; pass "
                        "--labels for zero-shot classification")
     results = predict(model, f["image"], labels, f["templates"], f["beam"], f["max_len"],
-                      f["caption"])
+                      f["caption"], f["question"])
   except (FileNotFoundError, ValueError) as e:
     cli.fail(e)
   for r in results:
@@ -91,6 +105,8 @@ def main(argv):
     print(r["image"])
     if "caption" in r:
       print(f"  caption: {r['caption']}")
+    for q, a in r.get("answers", {}).items():
+      print(f"  Q: {q}  A: {a}")
     for label, p in sorted(r.get("probs", {}).items(), key=lambda kv: -kv[1]):
       print(f"  {p:.4f}  {label}")
 

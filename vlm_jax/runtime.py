@@ -167,12 +167,14 @@ def training_captions(config, source=None) -> list:
   """Captions to train a tokenizer on: the shapes generator's (fast, no images) or those of the
   first TOKENIZER_TRAIN_EXAMPLES records of the training source (any kind)."""
   d = config.data
+  questions = tasks_lib.get(config.task).reads_questions(config)
   if d.source == "tfds" and d.name.startswith("shapes/"):
     from vlm_jax.data import shapes  # pylint: disable=g-import-not-at-top
-    return shapes.caption_corpus(d.name.split("/")[1].split(":")[0], d.train_split)
+    return shapes.caption_corpus(d.name.split("/")[1].split(":")[0], d.train_split,
+                                 questions=questions)
   from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   source = source if source is not None else sources.make_source(d, "train")
-  texts = sources.captions(source, TOKENIZER_TRAIN_EXAMPLES)
+  texts = sources.captions(source, TOKENIZER_TRAIN_EXAMPLES, questions=questions)
   if not any(texts):
     raise ValueError(f"tokenizer: the first {TOKENIZER_TRAIN_EXAMPLES} records of "
                      f"{source.describe()} hold no captions to train a tokenizer on; give one in "

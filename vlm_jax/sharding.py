@@ -56,6 +56,8 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("heads", ("tensor", "fsdp")),
     ("heads", "tensor"),
+    ("kv_heads", ("tensor", "fsdp")),   # grouped-query key/value heads (Llama-style LMs)
+    ("kv_heads", "tensor"),
     ("vocab", ("tensor", "fsdp")),
     ("vocab", "tensor"),
     ("kv", None),            # per-head dimension

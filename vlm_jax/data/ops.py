@@ -131,3 +131,156 @@ class Label:
 
   def collate(self, examples):
     return {"label": np.stack([e["label"] for e in examples]).astype(np.int32)}
+
+
+def majority_answer(answers) -> str:
+  """The answer most annotators gave (ties: the one given first): the training target of a
+  VQA question, as the VQAv2 `multiple_choice_answer`."""
+  counts = {}
+  for a in answers:
+    counts[a] = counts.get(a, 0) + 1
+  return max(counts, key=lambda a: (counts[a], -answers.index(a)))
+
+
+def layout_prompt_answer(prompt_ids, answer_ids, length: int, bos_id: int, eos_id: int,
+                         pad_id: int):
+  """One prefix-LM text row `prompt, bos, answer, eos, pad...` of `length` ids.
+
+  Returns (row int32 [length], prompt_len, truncated). The answer (and its eos) is kept whole
+  when it fits; the prompt gives way first, cut at its end (`truncated` = True), then an answer
+  longer than the whole row is cut before its eos.
+  """
+  answer = list(answer_ids)[:max(length - 2, 0)]
+  room = length - 2 - len(answer)
+  prompt = list(prompt_ids)
+  truncated = len(prompt) > room
+  prompt = prompt[:max(room, 0)]
+  row = np.full((length,), pad_id, np.int32)
+  ids = prompt + [bos_id] + answer + [eos_id]
+  row[:len(ids)] = ids
+  return row, len(prompt), truncated
+
+
+class PrefixLMText:
+  """The prefix-LM batch fields of a caption or a visual question, mixed per example.
+
+    text         int32 [L]  `prompt, bos, answer, eos, pad...` (a caption: empty prompt)
+    prompt_len   int32      prompt tokens (seen bidirectionally with the image tokens)
+    target_mask  bool [L]   the tokens the loss predicts: answer and eos
+    is_vqa       bool       a question (True) or a caption (False)
+    truncated    bool       the question was cut to fit the row (counted in the metrics)
+
+  Training draws the kind per example with probabilities proportional to `caption_weight` /
+  `vqa_weight` (from the example's own rng, so a resumed run repeats it), then one of the
+  example's captions or questions; a question's target is its majority answer. An example drawn
+  for VQA whose question has no answer is skipped and counted as `no_answer` (one without any
+  question as `no_question`). Evaluation takes the first caption (or, with caption_weight 0,
+  the first question).
+  """
+  provides = ("text", "prompt_len", "target_mask", "is_vqa", "truncated")
+
+  def __init__(self, tokenizer, length: int, caption_weight: float = 1.0,
+               vqa_weight: float = 1.0):
+    from vlm_jax.data.sources.common import QUESTIONS  # pylint: disable=g-import-not-at-top
+    self.tokenizer, self.length = tokenizer, int(length)
+    total = float(caption_weight) + float(vqa_weight)
+    if caption_weight < 0 or vqa_weight < 0 or total <= 0:
+      raise ValueError(f"loss.caption_weight / loss.vqa_weight: must be >= 0 with a positive "
+                       f"sum, got {caption_weight} / {vqa_weight}")
+    self.p_vqa = float(vqa_weight) / total
+    self.requires = tuple(f for f, w in ((CAPTIONS, caption_weight), (QUESTIONS, vqa_weight))
+                          if w > 0)
+
+  def __call__(self, raw, rng, train):
+    vqa = (rng.random() < self.p_vqa) if train else self.p_vqa >= 1.0
+    if not vqa:
+      captions = clean_captions(raw.get("captions"))
+      caption = captions[int(rng.integers(len(captions)))] if train else captions[0]
+      return {"_prompt": "", "_answer": caption, "is_vqa": np.bool_(False)}
+    questions = raw.get("questions") or []
+    if not questions:
+      raise BadExample("no_question")
+    q = questions[int(rng.integers(len(questions)))] if train else questions[0]
+    answers = [str(a).strip() for a in q.get("answers") or [] if str(a).strip()]
+    if not answers:
+      raise BadExample("no_answer")
+    return {"_prompt": str(q["question"]), "_answer": majority_answer(answers),
+            "is_vqa": np.bool_(True)}
+
+  def padding(self):
+    return {"_prompt": None, "_answer": None, "is_vqa": np.bool_(False)}
+
+  def collate(self, examples):
+    tok = self.tokenizer
+    n = len(examples)
+    text = np.full((n, self.length), tok.pad_id, np.int32)
+    prompt_len = np.zeros((n,), np.int32)
+    target = np.zeros((n, self.length), bool)
+    truncated = np.zeros((n,), bool)
+    rows = [i for i, e in enumerate(examples) if e["_answer"] is not None]
+    if rows:
+      prompts = tok.tokenize([examples[i]["_prompt"] for i in rows])
+      answers = tok.tokenize([examples[i]["_answer"] for i in rows])
+      for i, p, a in zip(rows, prompts, answers):
+        text[i], prompt_len[i], truncated[i] = layout_prompt_answer(
+            p, a, self.length, tok.bos_id, tok.eos_id, tok.pad_id)
+        end = prompt_len[i] + 1 + min(len(a), self.length - 2) + 1
+        target[i, prompt_len[i] + 1:end] = True
+    return {"text": text, "prompt_len": prompt_len, "target_mask": target,
+            "is_vqa": np.stack([e["is_vqa"] for e in examples]), "truncated": truncated}
+
+
+def left_padded(pieces, length: int, pad_id: int):
+  """Ragged ids -> (int32 [N, length] rows aligned at their end, padded on the left with pad_id;
+  bool [N] True where a row was longer than `length` and lost its end)."""
+  out = np.full((len(pieces), length), pad_id, np.int32)
+  cut = np.zeros((len(pieces),), bool)
+  for i, row in enumerate(pieces):
+    row = list(row)
+    cut[i] = len(row) > length
+    row = row[:length]
+    if row:
+      out[i, length - len(row):] = row
+  return out, cut
+
+
+class Questions:
+  """An image's visual questions, as left-padded prompts for generation (VQA evaluation).
+
+    questions        int32 [Q, P]  question ids, left-padded with pad (the end of the prompt
+                                   is aligned, so generation continues every row at once)
+    questions_mask   bool [Q]      real questions
+    question_ids     int32 [Q]     their ids (-1 for none), to match the annotations
+    questions_truncated  bool [Q]  the question was longer than P and its end was cut
+                                   (counted by the evaluator)
+  """
+  provides = ("questions", "questions_mask", "question_ids", "questions_truncated")
+
+  def __init__(self, tokenizer, length: int, max_questions: int):
+    from vlm_jax.data.sources.common import QUESTIONS  # pylint: disable=g-import-not-at-top
+    self.tokenizer, self.length, self.max_questions = tokenizer, int(length), int(max_questions)
+    self.requires = (QUESTIONS,)
+
+  def __call__(self, raw, rng, train):
+    del rng, train
+    qs = list(raw.get("questions") or [])[:self.max_questions]
+    return {"_questions": [(int(q["question_id"]), str(q["question"])) for q in qs]}
+
+  def padding(self):
+    return {"_questions": []}
+
+  def collate(self, examples):
+    tok = self.tokenizer
+    n, q, p = len(examples), self.max_questions, self.length
+    out = np.full((n, q, p), tok.pad_id, np.int32)
+    mask = np.zeros((n, q), bool)
+    ids = np.full((n, q), -1, np.int32)
+    cut = np.zeros((n, q), bool)
+    flat = [(i, j, qid, text) for i, e in enumerate(examples)
+            for j, (qid, text) in enumerate(e["_questions"])]
+    if flat:
+      rows, cuts = left_padded(tok.tokenize([t for _, _, _, t in flat]), p, tok.pad_id)
+      for (i, j, qid, _), row, c in zip(flat, rows, cuts):
+        out[i, j], cut[i, j], mask[i, j], ids[i, j] = row, c, True, qid
+    return {"questions": out, "questions_mask": mask, "question_ids": ids,
+            "questions_truncated": cut}

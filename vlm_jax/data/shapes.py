@@ -12,7 +12,8 @@ Generation is deterministic: example `i` of split `s` is drawn from a NumPy gene
 (config seed, split id, i), so two preparations write identical examples, and the per-pixel
 background noise keeps the splits apart (no image occurs in two splits). The ground truth of
 every object (shape, colour, size, position, box) is stored next to the image, so tests can check
-the captions against the pixels.
+the captions against the pixels. Each image also has three visual questions with ten answers each
+in the VQAv2 annotation layout (`questions`, see `vlm_jax.data.shapes_vqa`).
 
 Scenes (label = class of the main object):
   one        a single object, small or large, in a quadrant or in the center.
@@ -23,7 +24,8 @@ Usage:
   from vlm_jax.data import shapes
   shapes.prepare("tiny", data_dir)              # builds once (array_record), then a no-op
   ds = tfds.data_source("shapes/tiny", split="train", data_dir=data_dir)   # random access
-  ds[0]  # {'image': uint8 [32, 32, 3], 'captions': [bytes] * 4, 'label': int, 'objects': ...}
+  ds[0]  # {'image': uint8 [32, 32, 3], 'captions': [bytes] * 4, 'label': int, 'objects': ...,
+         #  'questions': {'question': [bytes] * 3, 'answers': [3, 10] bytes, ...}}
   # For tf.data: shapes.prepare("tiny", other_dir, file_format="tfrecord"); tfds.load(...).
 
 TFDS stores examples in an order shuffled by key, so `ds[i]` is not example i of the generator;
@@ -41,6 +43,7 @@ from PIL import Image, ImageDraw
 import tensorflow_datasets as tfds
 
 from vlm_jax.data import cache
+from vlm_jax.data import shapes_vqa
 
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -234,6 +237,16 @@ def render(rng, objects, image_size):
   return np.asarray(image, dtype=np.uint8)
 
 
+def image_questions(config, split, index, objects):
+  """The VQAv2-style questions of example `index` of `split` (see `vlm_jax.data.shapes_vqa`);
+  question ids are unique over the splits of a config."""
+  split_index = SPLITS.index(split)
+  return shapes_vqa.questions(
+      objects, shapes_vqa.question_rng(config.seed, split_index, index),
+      first_question_id=(split_index * 10**7 + index) * 10, colours=COLOUR_NAMES, shapes=SHAPES,
+      plurals=PLURALS, positions=POSITIONS)
+
+
 def generate_example(config, split, index):
   """Example `index` of `split`, as plain Python/NumPy (the builder writes exactly this)."""
   rng = _rng(config, split, index)
@@ -245,6 +258,7 @@ def generate_example(config, split, index):
       "id": f"{split}/{index:06d}",
       "image": image,
       "captions": captions(scene, objects),
+      "questions": image_questions(config, split, index, objects),
       "label": class_index(main["colour"], main["shape"]),
       "scene": scene,
       "objects": {
@@ -258,17 +272,23 @@ def generate_example(config, split, index):
   }
 
 
-def caption_corpus(config_name="demo", split="train"):
-  """All captions of a split, without rendering images (to train a tokenizer in seconds).
+def caption_corpus(config_name="demo", split="train", questions=False):
+  """All captions of a split (with `questions`, also every question and answer), without
+  rendering images (to train a tokenizer in seconds).
 
-  A TFDS slice such as 'train[:50%]' gives the captions of the whole split it slices.
+  A TFDS slice such as 'train[:50%]' gives the texts of the whole split it slices.
   """
   config = get_config(config_name)
   split = split.split("[")[0]
   _rng(config, split, 0)  # clear error for an unknown split
   texts = []
   for i in range(_split_sizes(config)[split]):
-    texts.extend(captions(*sample_scene(_rng(config, split, i), config)))
+    scene, objects = sample_scene(_rng(config, split, i), config)
+    texts.extend(captions(scene, objects))
+    if questions:
+      for q in image_questions(config, split, i, objects):
+        texts.append(q["question"])
+        texts.extend(sorted({a["answer"] for a in q["answers"]}))
   return texts
 
 
@@ -280,8 +300,9 @@ def caption_corpus(config_name="demo", split="train"):
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """Coloured geometric shapes with captions and (colour, shape) labels; generated, no download."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Visual questions with ten answers each (`questions`)."}
   BUILDER_CONFIGS = [
       ShapesConfig(name="tiny", description="32x32, 256/64/64 examples: for tests.",
                    image_size=32, num_train=256, num_validation=64, num_test=64),
@@ -321,6 +342,15 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
                 "position": tfds.features.ClassLabel(names=POSITIONS),
                 "bbox": tfds.features.BBoxFeature(),
             }),
+            # VQAv2 annotation fields of each question (`vlm_jax.data.shapes_vqa`).
+            "questions": tfds.features.Sequence({
+                "question_id": np.int64,
+                "question": tfds.features.Text(),
+                "question_type": tfds.features.Text(),
+                "answer_type": tfds.features.Text(),
+                "answers": tfds.features.Sequence(tfds.features.Text(),
+                                                  length=shapes_vqa.ANSWERS_PER_QUESTION),
+            }),
         }),
         supervised_keys=("image", "label"),
     )
@@ -333,6 +363,9 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     for i in range(_split_sizes(config)[split]):
       ex = generate_example(config, split, i)
+      ex["questions"] = [{k: ([a["answer"] for a in q[k]] if k == "answers" else q[k])
+                          for k in ("question_id", "question", "question_type", "answer_type",
+                                    "answers")} for q in ex["questions"]]
       yield ex["id"], ex
 
 

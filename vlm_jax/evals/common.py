@@ -36,7 +36,7 @@ placeholder = ml_collections.config_dict.placeholder
 _DATA_OVERRIDES = {
     "source": "source", "dataset": "name", "split": "eval_split", "data_dir": "data_dir",
     "image_key": "image_key", "text_key": "text_key", "label_key": "label_key",
-    "id_key": "id_key", "shards": "eval_shards", "jsonl": "eval_jsonl",
+    "id_key": "id_key", "questions_key": "questions_key", "shards": "eval_shards", "jsonl": "eval_jsonl",
     "image_root": "image_root", "folder": "eval_folder", "classnames": "classnames",
 }
 
@@ -56,6 +56,7 @@ def entry_config(kind: str) -> ml_collections.ConfigDict:
   c.text_key = placeholder(str)
   c.label_key = placeholder(str)
   c.id_key = placeholder(str)
+  c.questions_key = placeholder(str)
   c.shards = placeholder(str)      # wds: brace/glob pattern of tar shards
   c.jsonl = placeholder(str)       # jsonl: captions.jsonl path
   c.image_root = placeholder(str)
@@ -253,6 +254,8 @@ def eval_source(data_config, field_ops, who: str = "evals"):
       data_config.text_key = ""
     if sources.LABEL not in needed:
       data_config.label_key = ""
+    if sources.QUESTIONS not in needed:
+      data_config.questions_key = ""
   source = sources.make_source(data_config, "eval")
   sources.check_fields(source, field_ops, who)
   return source

@@ -8,9 +8,11 @@ cross-attends to). What a tower returns is its contract:
   image towers   images [B, H, W, 3] float -> (pooled [B, W], tokens [B, N, W])
   text towers    text [B, L] int ids      -> (pooled [B, W], tokens [B, L, W])
   decoders       (context tokens [B, N, Wc], text [B, L], decode=False) -> logits [B, L, V]
+  language models  (tokens [B, T], prefix=[B, N, W], prefix_len, valid, decode=False)
+                 -> logits [B, T, V]  (decoder-only, `lm.py`)
 
 A new tower is a module with those three functions plus one line in `TOWERS`. The composite
-models (TwoTower, CoCa, Captioner, Classifier) are put together by the tasks
+models (TwoTower, CoCa, Captioner, Classifier, PrefixLM) are put together by the tasks
 (`vlm_jax.tasks`), which know which towers they need.
 """
 import jax
@@ -19,11 +21,13 @@ import ml_collections
 
 from vlm_jax.models import decoder
 from vlm_jax.models import layers
+from vlm_jax.models import lm
 from vlm_jax.models import text
 from vlm_jax.models import vit
 from vlm_jax.models.captioner import Captioner
 from vlm_jax.models.classifier import Classifier
 from vlm_jax.models.coca import CoCa, init_cache
+from vlm_jax.models.prefix_lm import PrefixLM, Projector
 from vlm_jax.models.two_tower import TwoTower
 
 # kind -> name -> tower module. The kind is the section's role (model.image, model.text,
@@ -32,6 +36,7 @@ TOWERS = {
     "image": {"vit": vit},
     "text": {"transformer": text},
     "decoder": {"cross_attention": decoder},
+    "lm": {"decoder_only": lm},
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -97,4 +102,4 @@ def common_kwargs(model_config) -> dict:
 
 __all__ = ["TOWERS", "tower_module", "tower_config", "build_tower", "shared_config",
            "resolve_dtype", "common_kwargs", "init_cache", "CoCa", "TwoTower", "Captioner",
-           "Classifier", "vit", "text", "decoder"]
+           "Classifier", "PrefixLM", "Projector", "vit", "text", "decoder", "lm"]

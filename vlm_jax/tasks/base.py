@@ -137,6 +137,12 @@ class Task:
     del config
     return None
 
+  def reads_questions(self, config) -> bool:
+    """override: whether the task trains on visual questions (their text then also trains the
+    tokenizer)."""
+    del config
+    return False
+
   def build_problems(self, config) -> list:
     """Problems building the model from the config shows (no parameter is initialised)."""
     try:

@@ -26,7 +26,7 @@ Two kinds of sources, because the storage formats allow different things:
   made exactly resumable. The TFRecord path resumes by re-reading and discarding `offset`
   examples (exact, but O(offset)).
 """
-from vlm_jax.data.sources.common import CAPTIONS, LABEL, DataLacks, even_share
+from vlm_jax.data.sources.common import CAPTIONS, LABEL, QUESTIONS, DataLacks, even_share
 from vlm_jax.data.sources.imagefolder import ImageFolderSource
 from vlm_jax.data.sources.jsonl import JsonlSource
 from vlm_jax.data.sources.tfds import FieldMap, TfdsSource
@@ -43,7 +43,8 @@ def make_source(data_config, split_name):
   if kind == "tfds":
     split = data_config.train_split if split_name == "train" else data_config.eval_split
     fields = FieldMap(image_key=data_config.image_key, text_key=data_config.text_key or None,
-                      label_key=data_config.label_key or None, id_key=data_config.id_key or None)
+                      label_key=data_config.label_key or None, id_key=data_config.id_key or None,
+                      questions_key=data_config.get("questions_key") or None)
     return TfdsSource(data_config.name, split, data_dir=data_config.data_dir, fields=fields,
                       reader=data_config.tfds_reader, skip_decode=data_config.tfds_skip_decode)
   if kind == "wds":
@@ -63,9 +64,10 @@ def make_source(data_config, split_name):
   raise ValueError(f"data.source: unknown source {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-def captions(source, limit: int) -> list:
+def captions(source, limit: int, questions: bool = False) -> list:
   """The captions of the first `limit` records in storage order (unreadable records give none),
-  from any source: to train a tokenizer on."""
+  from any source: to train a tokenizer on. With `questions`, also the records' questions and
+  answers."""
   if getattr(source, "random_access", False):
     records = (source[i] for i in range(min(len(source), limit)))
   else:
@@ -75,6 +77,10 @@ def captions(source, limit: int) -> list:
   texts = []
   for raw in records:
     texts.extend(raw.get("captions") or [])
+    if questions:
+      for q in raw.get("questions") or []:
+        texts.append(q["question"])
+        texts.extend(sorted(set(q["answers"])))
   return texts
 
 
@@ -91,6 +97,6 @@ def check_fields(source, field_ops, who: str):
                      f"provide (it provides: image{''.join(', ' + f for f in sorted(source.provides))})")
 
 
-__all__ = ["make_source", "captions", "check_fields", "KINDS", "CAPTIONS", "LABEL", "DataLacks", "even_share", "FieldMap",
+__all__ = ["make_source", "captions", "check_fields", "KINDS", "CAPTIONS", "LABEL", "QUESTIONS", "DataLacks", "even_share", "FieldMap",
            "TfdsSource", "JsonlSource", "WdsSource", "ImageFolderSource", "expand_braces",
            "index_shard", "list_shards", "read_tar_sample"]

@@ -59,6 +59,7 @@ class FieldMap:
   text_key: str | None = "captions"  # None: no text (classification-only eval sets)
   label_key: str | None = None
   id_key: str | None = None
+  questions_key: str | None = None   # a Sequence of VQAv2-style question dicts (shapes: 'questions')
 
 
 def _prepare_hint(name) -> str:
@@ -112,6 +113,9 @@ class TfdsSource:
       self._paths["label"] = _resolve_feature_path(features, fields.label_key, "label_key")
     if fields.id_key:
       self._paths["id"] = _resolve_feature_path(features, fields.id_key, "id_key")
+    if fields.questions_key:
+      self._paths["questions"] = _resolve_feature_path(features, fields.questions_key,
+                                                       "questions_key")
     image_feature = _lookup(features, self._paths["image"])
     self._decoders = None
     if skip_decode and isinstance(image_feature, tfds.features.Image):
@@ -137,7 +141,8 @@ class TfdsSource:
       raise FileNotFoundError(f"data.name: TFDS dataset {name!r} is not prepared in data_dir="
                               f"{data_dir!r}; {_prepare_hint(name)}")
     self.random_access = self._data_source is not None
-    self.provides = frozenset(f for f, path in ((common.CAPTIONS, "text"), (common.LABEL, "label"))
+    self.provides = frozenset(f for f, path in ((common.CAPTIONS, "text"), (common.LABEL, "label"),
+                                                (common.QUESTIONS, "questions"))
                               if path in self._paths)
 
   def describe(self):
@@ -163,7 +168,10 @@ class TfdsSource:
       ident = ident.item() if isinstance(ident, np.ndarray) else ident
       ident = ident.decode("utf-8", "replace") if isinstance(ident, bytes) else str(ident)
       key = f"{self.name}/{self.split}/{ident}"
-    return {"image": image, "captions": captions, "label": label, "key": key}
+    raw = {"image": image, "captions": captions, "label": label, "key": key}
+    if "questions" in self._paths:
+      raw["questions"] = common.questions_from_columns(_lookup(record, self._paths["questions"]))
+    return raw
 
   # -- random access -----------------------------------------------------------------------------
   def __len__(self):
