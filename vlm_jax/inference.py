@@ -189,6 +189,15 @@ class Model:
                                 batch_size or 16)
     return self.tokenizer.decode(tokens) if tokens is not None else []
 
+  def logits(self, token_ids, batch_size: Optional[int] = None) -> np.ndarray:
+    """Next-token logits float32 [N, L, vocab] of int token ids [N, L] (a causal_lm model,
+    e.g. an imported GPT-2 / Llama): position t scores token t + 1."""
+    token_ids = np.asarray(token_ids)
+    if token_ids.ndim != 2 or not np.issubdtype(token_ids.dtype, np.integer):
+      raise ValueError(f"logits: expected int token ids [N, L], got {token_ids.dtype} "
+                       f"{token_ids.shape}")
+    return self._ctx.predict_rows("logits", {"text": token_ids.astype(np.int32)}, batch_size)
+
   def answer(self, images, questions: Sequence[str], max_len: int = 8, beam: int = 1,
              batch_size: Optional[int] = None) -> list:
     """Answers to visual questions, one question per image (repeat an image to ask it several):

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 
-from vlm_jax.convert import big_vision, configs, hf, openclip
+import json
+
+from vlm_jax.convert import big_vision, configs, hf, hf_lm, openclip
 from vlm_jax.convert.common import (ConversionError, check_out_dir, read_checkpoint,
                                     write_output)
 from vlm_jax.convert.configs import NAMED_MODELS, ClipArch
@@ -83,6 +85,9 @@ def convert_checkpoint(fmt: str, checkpoint: str, out: str, *, model: str | None
     raise ConversionError(f"convert: --format {fmt!r}: expected one of {', '.join(FORMATS)}")
   check_out_dir(out)
   source = os.path.basename(checkpoint)
+  lm_config = _hf_lm_config(fmt, checkpoint, model)
+  if lm_config is not None:
+    return _convert_lm(*lm_config, checkpoint, out, tokenizer)
   if fmt == "big_vision" and not model:
     # Prepared once here (its own convert's prepare is then a no-op over plain names).
     state = big_vision.prepare(read_checkpoint(checkpoint), source)
@@ -104,6 +109,51 @@ def convert_checkpoint(fmt: str, checkpoint: str, out: str, *, model: str | None
   check_against_model(params, config)
   report = {"format": fmt, "checkpoint": os.path.abspath(checkpoint), "model": model_name,
             "arch": arch.describe(), "tensors": len(state),
+            "tokenizer": {"kind": kind, "from": os.path.abspath(tok_path)} if kind else None}
+  from vlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  return write_output(out, params, config, report=report,
+                      tokenizer_bytes=tokenizers.to_bytes(tok) if tok is not None else None)
+
+
+def _hf_lm_config(fmt: str, checkpoint: str, model: str | None):
+  """(config.json dict, its path) when --format hf names a GPT-2 / Llama model, else None."""
+  if fmt != "hf":
+    return None
+  path = model or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+  if not (path.endswith(".json") and os.path.isfile(path)):
+    return None
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    return None       # resolve_arch reports an unreadable file
+  return (d, path) if isinstance(d, dict) and hf_lm.is_lm_config(d) else None
+
+
+def _convert_lm(d: dict, model_path: str, checkpoint: str, out: str,
+                tokenizer: str | None) -> str:
+  """A Hugging Face GPT2LMHeadModel / LlamaForCausalLM -> a causal_lm workdir."""
+  source = os.path.basename(checkpoint)
+  fields = hf_lm.lm_fields(d, model_path)
+  kind, tok_path = find_tokenizer("hf", checkpoint, tokenizer, "lm")
+  tok = None
+  if kind:
+    from vlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+    try:
+      tok = tokenizers.read(kind, tok_path)
+    except (FileNotFoundError, ValueError) as e:
+      raise ConversionError(f"convert: tokenizer {tok_path}: {e}") from e
+    if tok.vocab_size > fields["vocab_size"]:
+      raise ConversionError(f"convert: tokenizer {tok_path} has {tok.vocab_size} ids but the "
+                            f"model's vocabulary is {fields['vocab_size']}")
+  state = read_checkpoint(checkpoint)
+  params = hf_lm.convert(state, fields, source=source, model=model_path)
+  config = hf_lm.to_config(fields, context_length=fields["max_length"])
+  if kind:
+    config.tokenizer.kind = kind
+  check_against_model(params, config)
+  report = {"format": "hf", "checkpoint": os.path.abspath(checkpoint), "model": model_path,
+            "arch": {k: v for k, v in fields.items()}, "tensors": len(state),
             "tokenizer": {"kind": kind, "from": os.path.abspath(tok_path)} if kind else None}
   from vlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   return write_output(out, params, config, report=report,
@@ -153,6 +203,11 @@ def find_tokenizer(fmt: str, checkpoint: str, tokenizer: str | None = None,
   elif fmt == "hf" and any(os.path.isfile(os.path.join(folder, f)) for f in SENTENCEPIECE_FILES):
     tokenizer = next(os.path.join(folder, f) for f in SENTENCEPIECE_FILES
                      if os.path.isfile(os.path.join(folder, f)))
+  elif family == "lm":
+    raise ConversionError(
+        "convert: no tokenizer beside the language model (tokenizer.json, vocab.json + "
+        "merges.txt, or tokenizer.model); pass --tokenizer, or --tokenizer none for the weights "
+        "alone. Nothing was written")
   elif family == "siglip":
     raise ConversionError(
         "convert: no tokenizer for the converted SigLIP, and a workdir without one cannot be "

@@ -269,6 +269,15 @@ class LM(nn.Module):
     return logits.astype(jnp.float32)
 
 
+class TextLM(nn.Module):
+  """An LM on text alone (the causal_lm task), its params under `lm/` like a prefix-LM's, so
+  that one initialises the other (`init_from`)."""
+  lm: Optional[nn.Module] = None
+
+  def __call__(self, tokens: Array, *, train: bool = False) -> Array:
+    return self.lm(tokens, train=train)
+
+
 def init_cache(model: nn.Module, params, apply_kwargs: dict, method=None) -> dict:
   """The zeroed 'cache' collection of a `decode=True` call of `model` with `apply_kwargs`
   (arrays of the full decoding length); only shapes are traced."""

@@ -6,11 +6,13 @@
     classification  image tower + linear head           image, label
     prefix_lm       image tokens as the prefix of an LM  image, text, prompt_len, target_mask
                     (captioning + VQA)
+    causal_lm       a decoder-only LM on text alone      text
 
 `config.task` names the task; `get(name)` returns it. A new objective is a module here with a
 `TASK` object (a `base.Task` subclass instance), one line in `TASKS`, and a config file.
 """
 from vlm_jax.tasks import captioning
+from vlm_jax.tasks import causal_lm
 from vlm_jax.tasks import classification
 from vlm_jax.tasks import coca
 from vlm_jax.tasks import contrastive
@@ -18,7 +20,8 @@ from vlm_jax.tasks import prefix_lm
 from vlm_jax.tasks.base import Objective, Task, TextSpec
 
 TASKS = {t.name: t for t in (contrastive.TASK, coca.TASK, captioning.TASK,
-                             classification.TASK, prefix_lm.TASK)}
+                             classification.TASK, prefix_lm.TASK,
+                             causal_lm.TASK)}
 
 
 def get(name) -> Task:
