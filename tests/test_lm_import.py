@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from data_fixtures import shapes_data_dir  # pylint: disable=unused-import,g-import-not-at-top
 from vlm_jax import convert  # pylint: disable=g-import-not-at-top
 from vlm_jax import inference  # pylint: disable=g-import-not-at-top
 
@@ -37,7 +38,7 @@ def _save(model, folder):
 def gpt2_dir(tmp_path_factory):
   folder = tmp_path_factory.mktemp("gpt2")
   torch.manual_seed(0)
-  cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=40, n_embd=48, n_layer=2, n_head=3,
+  cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=96, n_embd=48, n_layer=2, n_head=3,
                                 n_inner=80, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
   model = transformers.GPT2LMHeadModel(cfg).eval()
   _save(model, folder)
@@ -136,3 +137,39 @@ def test_wrong_depth_and_gpt2_quirks_are_refused(gpt2_dir, tmp_path):
   with pytest.raises(convert.ConversionError, match="scale_attn_by_inverse_layer_idx=True"):
     convert.convert_checkpoint("hf", os.path.join(folder, "model.safetensors"),
                                str(tmp_path / "out"), model=str(path))
+
+
+def test_prefix_lm_composed_from_two_checkpoints(gpt2_dir, tmp_path, shapes_data_dir):
+  """init_from='image=<an image model>,lm=<a converted GPT-2>' puts each sub-tree in place."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vlm_jax import runtime  # pylint: disable=g-import-not-at-top
+  from vlm_jax import tasks  # pylint: disable=g-import-not-at-top
+  from vlm_jax.convert import common  # pylint: disable=g-import-not-at-top
+  from train_utils import tiny_config  # pylint: disable=g-import-not-at-top
+  folder, _ = gpt2_dir
+  gpt2 = convert.convert_checkpoint("hf", os.path.join(folder, "model.safetensors"),
+                                    str(tmp_path / "gpt2"))
+  # An image model: a tiny classifier, initialised and written as a workdir.
+  cls_cfg = tiny_config("classify", shapes_data_dir, model__num_classes=5)
+  task = tasks.get(cls_cfg.task)
+  cls_params = jax.tree.map(np.asarray, task.init_params(task.build_model(cls_cfg), cls_cfg,
+                                                         jax.random.key(7)))
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  cls_params = nn.unbox(cls_params)
+  image_dir = common.write_output(str(tmp_path / "image"), cls_params, cls_cfg)
+
+  cfg = tiny_config("prefixlm", shapes_data_dir, init_from=f"image={image_dir},lm={gpt2}",
+                    freeze="^lm/")
+  cfg.model.lm.update(style="gpt2", width=48, depth=2, num_heads=3, mlp_dim=80, vocab_size=VOCAB,
+                      max_length=96)
+  cfg.tokenizer.vocab_size = VOCAB
+  rt = runtime.Runtime.create(cfg, jax.devices()[:1])
+  state = rt.init_params_from(rt.init_state())
+  params = jax.device_get(state.params)
+  ref = inference.load(gpt2).params
+  np.testing.assert_array_equal(params["lm"]["block_1"]["mlp"]["fc1"]["kernel"],
+                                ref["lm"]["block_1"]["mlp"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(params["image"]["encoder"]["block_0"]["attn"]["query"]["kernel"],
+                                cls_params["image"]["encoder"]["block_0"]["attn"]["query"]["kernel"])
+  with pytest.raises(ValueError, match="each entry is subtree=checkpoint"):
+    runtime.init_from_entries(f"{image_dir},lm={gpt2}")

@@ -202,9 +202,11 @@ class Checkpointer:
                        "config.json), or start a new run from it with --config.init_from")
 
   def restore_params(self, step: int | None, abstract_params: PyTree, *, skip: str = "",
-                     field: str = "init_from", ema: bool = False) -> tuple[dict, list[str]]:
+                     field: str = "init_from", ema: bool = False,
+                     prefix: str = "") -> tuple[dict, list[str]]:
     """Loads the params present in both this checkpoint and `abstract_params` (ShapeDtypeStructs
     with target shardings), straight into those shardings; `ema`: its EMA params instead.
+    With `prefix`, only the params under `prefix/` are wanted (and reported on).
 
     Returns (restored params by path, messages about what was skipped, missing or unused).
     Shape mismatches raise a ValueError naming every mismatched param, unless the path matches
@@ -220,6 +222,10 @@ class Checkpointer:
                        "run had no ema_decay); use its params (no --ema / evals.use_ema)")
     saved = flatten(_get(meta, item_key))
     wanted = flatten(abstract_params)
+    if prefix:
+      under = lambda path: path.startswith(prefix + "/")
+      wanted = {p: v for p, v in wanted.items() if under(p)}
+      saved = {p: v for p, v in saved.items() if under(p)}
     _check_block_layouts(saved, wanted, field)
     rx = re.compile(skip) if skip else None
     messages, mismatched, target = [], [], {}

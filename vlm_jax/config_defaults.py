@@ -60,7 +60,8 @@ def train_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.async_checkpointing = True
-  c.init_from = placeholder(str)   # checkpoint dir (workdir or a step dir) to load params from
+  c.init_from = placeholder(str)   # checkpoint dir (workdir or step dir) to load params from, or
+                                   # subtree=dir entries, comma-separated: image=runs/clip,lm=runs/gpt2
   c.init_from_skip = ""            # regex of params NOT to take from init_from (e.g. a new head)
   c.progress_bar = True
   c.eval_every_steps = 0           # 0 = evals only at the end

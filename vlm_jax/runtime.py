@@ -106,27 +106,53 @@ class Runtime:
                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
   def init_params_from(self, state: ts.TrainState) -> ts.TrainState:
-    """Replaces params by those of `config.init_from` (fine-tuning), logging what was not taken."""
+    """Replaces params by those of `config.init_from` (fine-tuning), logging what was not taken.
+
+    `init_from` is one checkpoint (every param the model and it share), or comma-separated
+    `subtree=checkpoint` entries that compose a model from several: each takes only the params
+    under `subtree/` (e.g. 'image=runs/clip,lm=runs/gpt2': a prefix-LM from a CLIP's image
+    tower and a GPT-2)."""
     config = self.config
-    loc = ckpt_lib.locate(config.init_from, field="init_from")
-    source = ckpt_lib.Checkpointer(loc.checkpoints, read_only=True, async_save=False)
-    try:
-      loaded, messages = source.restore_params(loc.step, self.abstract_state.params,
-                                               skip=config.init_from_skip)
-    finally:
-      source.close()
-    for m in messages:
-      logging.warning("%s", m)
-    if not loaded:
-      raise ValueError(f"init_from={config.init_from}: no parameter of the model was found in "
-                       "the checkpoint")
     flat = ckpt_lib.flatten(state.params)
-    flat.update(loaded)
+    total = 0
+    for subtree, where in init_from_entries(config.init_from):
+      loc = ckpt_lib.locate(where, field="init_from")
+      source = ckpt_lib.Checkpointer(loc.checkpoints, read_only=True, async_save=False)
+      try:
+        loaded, messages = source.restore_params(loc.step, self.abstract_state.params,
+                                                 skip=config.init_from_skip, prefix=subtree)
+      finally:
+        source.close()
+      for m in messages:
+        logging.warning("%s", m)
+      if not loaded:
+        raise ValueError(f"init_from={config.init_from}: no parameter of the model"
+                         f"{f' under {subtree}/' if subtree else ''} was found in {where}")
+      flat.update(loaded)
+      total += len(loaded)
+      logging.info("init_from: loaded %d params%s from %s/%d", len(loaded),
+                   f" under {subtree}/" if subtree else "", loc.checkpoints, loc.step)
     params = jax.tree.map(lambda _, v: v, state.params, ckpt_lib.unflatten(flat))
-    logging.info("init_from: loaded %d of %d params from %s/%d", len(loaded), len(flat),
-                 loc.checkpoints, loc.step)
+    logging.info("init_from: %d of %d params loaded", total, len(flat))
     ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
     return state.replace(params=params, ema_params=ema)   # the average starts at the loaded params
+
+
+def init_from_entries(value: str) -> list:
+  """[(subtree or '', checkpoint path)] of `config.init_from` (see `init_params_from`)."""
+  parts = [p.strip() for p in str(value or "").split(",") if p.strip()]
+  entries = []
+  for part in parts:
+    subtree, sep, where = part.partition("=")
+    if not sep:
+      if len(parts) > 1:
+        raise ValueError(f"init_from: {part!r}: with several checkpoints each entry is "
+                         "subtree=checkpoint (e.g. image=runs/clip,lm=runs/gpt2)")
+      subtree, where = "", part
+    elif not subtree.strip() or not where.strip():
+      raise ValueError(f"init_from: {part!r}: expected subtree=checkpoint")
+    entries.append((subtree.strip().strip("/"), where.strip()))
+  return entries
 
 
 # ---- checks before anything is built ------------------------------------------------------------
