@@ -1,5 +1,7 @@
 """The prefix-LM task end to end: shapes questions, its batch fields, training on 1 and 8 devices,
 generation, the VQA evaluation, inference.answer and predict --question."""
+import json
+import os
 import re
 
 import jax
@@ -203,3 +205,30 @@ def test_predict_answers_questions(trained, tmp_path):
   images = model.load_images([str(path)])
   assert results[0]["answers"]["is there a blue square?"] == model.answer(
       images, ["is there a blue square?"])[0]
+
+
+def test_vqav2_files_score_like_the_tfds_split(trained, tmp_path):
+  """The shapes test split written in the official VQAv2 layout reads back through the vqav2
+  source, scores exactly as the TFDS split does, and its results file scores the same with
+  the scorer CLI; a missing image is skipped and counted."""
+  from vlm_jax.data import write_shapes  # pylint: disable=g-import-not-at-top
+  from vlm_jax.evals import vqa  # pylint: disable=g-import-not-at-top
+  workdir, final = trained
+  paths = write_shapes.write("vqav2", str(tmp_path / "vqa"), "tiny", "test")
+  model = inference.load(workdir)
+  entry = vqa.default_config(source="vqav2", vqa_questions=paths["questions"],
+                             vqa_annotations=paths["annotations"], vqa_images=paths["images"],
+                             tag="files", batch_size=32)
+  metrics = vqa.evaluate(model.context, "files", entry)
+  assert metrics["vqa/files/num_questions"] == 64 * 3
+  assert metrics["vqa/files/accuracy"] == pytest.approx(final["eval/vqa/shapes/accuracy"],
+                                                        abs=1e-9)
+  results = tmp_path / "results.json"
+  results.write_text(json.dumps(model.context.artifacts["vqa/files"]))
+  scored = vqa.score_files(paths["questions"], paths["annotations"], str(results))
+  assert scored["overall"] / 100 == pytest.approx(metrics["vqa/files/accuracy"], abs=1e-4)
+  # One image gone: its questions are skipped (counted by the pipeline), the rest still scored.
+  first = sorted(os.listdir(paths["images"]))[0]
+  os.remove(os.path.join(paths["images"], first))
+  metrics = vqa.evaluate(model.context, "files", entry)
+  assert metrics["vqa/files/num_questions"] == 63 * 3

@@ -72,7 +72,7 @@ def data_config() -> ml_collections.ConfigDict:
   """Input pipeline (vlm_jax.data.pipeline). The global batch size is a trainer field; the
   pipeline gets the per-process share."""
   c = ml_collections.ConfigDict()
-  c.source = "tfds"              # 'tfds' | 'wds' (tar shards) | 'jsonl' | 'imagefolder'
+  c.source = "tfds"              # 'tfds' | 'wds' (tar shards) | 'jsonl' | 'imagefolder' | 'vqav2'
   # TFDS: dataset name (with config/version), data_dir, splits, reader.
   c.name = "shapes/tiny"         # e.g. 'shapes/demo', 'coco_captions', 'cifar10'
   c.data_dir = placeholder(str)  # None: shapes in the vlm_jax cache ($VLM_JAX_CACHE), others in TFDS's default
@@ -95,6 +95,13 @@ def data_config() -> ml_collections.ConfigDict:
   c.train_jsonl = placeholder(str)
   c.eval_jsonl = placeholder(str)
   c.image_root = placeholder(str)
+  # VQAv2 files: questions JSON, annotations JSON (optional for a test split), COCO-named images.
+  c.train_vqa_questions = placeholder(str)
+  c.train_vqa_annotations = placeholder(str)
+  c.train_vqa_images = placeholder(str)
+  c.eval_vqa_questions = placeholder(str)
+  c.eval_vqa_annotations = placeholder(str)
+  c.eval_vqa_images = placeholder(str)
   # ImageFolder: root/<class_name>/<images>, classes in sorted folder order.
   c.train_folder = placeholder(str)
   c.eval_folder = placeholder(str)

@@ -175,6 +175,16 @@ def _data_problems_static(config) -> list:
 
 def _path_problems(d, split) -> list:
   """The files a file-based source of `split` names must exist (TFDS: see round 2)."""
+  if d.source == "vqav2":
+    problems = []
+    for f, required in (("questions", True), ("annotations", False), ("images", True)):
+      value = d.get(f"{split}_vqa_{f}")
+      if not value:
+        if required:
+          problems.append(f"data.{split}_vqa_{f}: not set (data.source='vqav2' reads it)")
+      elif not epath.Path(value).exists():
+        problems.append(f"data.{split}_vqa_{f}: {value!r} does not exist")
+    return problems
   field = {"wds": "shards", "jsonl": "jsonl", "imagefolder": "folder"}.get(d.source)
   if field is None:
     return []

@@ -3,12 +3,15 @@ r"""Writes a split of the embedded shapes data in the file layouts of your own d
     python -m vlm_jax.data.write_shapes --layout jsonl --split train --out data/train
     python -m vlm_jax.data.write_shapes --layout wds --split train --out data/shards
     python -m vlm_jax.data.write_shapes --layout imagefolder --split test --out data/test
+    python -m vlm_jax.data.write_shapes --layout vqav2 --split test --out data/vqa_test
 
 Layouts (the ones `config.data.source` reads):
   jsonl        OUT/captions.jsonl ({"image": "images/<id>.png", "caption": [...]}) + OUT/images/
   wds          OUT/00000.tar, 00001.tar, ... as img2dataset writes them: <key>.png, <key>.txt
                (the first caption), <key>.json ({"caption", "key"}), and <shard>_stats.json
   imagefolder  OUT/<class_name>/<id>.png (class names with '_' for spaces)
+  vqav2        OUT/questions.json + OUT/annotations.json (the official VQAv2 formats) and
+               OUT/images/COCO_shapes<split>_<12-digit image id>.png (COCO naming)
 
 It exists so that every bring-your-own-data command in README runs as written on any machine:
 swap in your files and the commands stay the same. Images are drawn directly by the shapes
@@ -29,7 +32,7 @@ import tqdm
 
 from vlm_jax.data import shapes
 
-LAYOUTS = ("jsonl", "wds", "imagefolder")
+LAYOUTS = ("jsonl", "wds", "imagefolder", "vqav2")
 
 _LAYOUT = flags.DEFINE_enum("layout", None, LAYOUTS, "File layout to write.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (created; must be empty or absent).")
@@ -121,6 +124,32 @@ def write_image_folder(out: str, exs) -> list:
   return sorted(os.listdir(out))
 
 
+def write_vqav2(out: str, exs, split: str) -> dict:
+  """The VQAv2 questions / annotations files and a COCO-named image folder; returns the paths."""
+  subtype = f"shapes{split}"
+  os.makedirs(os.path.join(out, "images"), exist_ok=True)
+  questions, annotations = [], []
+  for ex in exs:
+    image_id = int(ex["id"].split("/")[1])
+    with open(os.path.join(out, "images", f"COCO_{subtype}_{image_id:012d}.png"), "wb") as f:
+      f.write(_png(ex["image"]))
+    for q in ex["questions"]:
+      questions.append({"image_id": image_id, "question": q["question"],
+                        "question_id": q["question_id"]})
+      annotations.append({"image_id": image_id, **q})
+  info = {"description": "shapes visual questions (vlm_jax)", "version": "1.0"}
+  paths = {"questions": os.path.join(out, "questions.json"),
+           "annotations": os.path.join(out, "annotations.json"),
+           "images": os.path.join(out, "images")}
+  with open(paths["questions"], "w") as f:
+    json.dump({"info": info, "task_type": "Open-Ended", "data_type": "shapes",
+               "data_subtype": subtype, "license": {}, "questions": questions}, f)
+  with open(paths["annotations"], "w") as f:
+    json.dump({"info": info, "data_type": "shapes", "data_subtype": subtype, "license": {},
+               "annotations": annotations}, f)
+  return paths
+
+
 def write(layout: str, out: str, config_name: str = "tiny", split: str = "train",
           num: int | None = None, labels: bool = False, per_shard: int = 1000,
           progress: bool = False):
@@ -137,6 +166,8 @@ def write(layout: str, out: str, config_name: str = "tiny", split: str = "train"
     return write_jsonl(out, exs, labels)
   if layout == "wds":
     return write_shards(out, exs, per_shard, labels)
+  if layout == "vqav2":
+    return write_vqav2(out, exs, split)
   return write_image_folder(out, exs)
 
 
@@ -148,6 +179,8 @@ def main(argv):
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   where = result if isinstance(result, str) else _OUT.value
+  if isinstance(result, dict):
+    where = ", ".join(result.values())
   print(f"wrote shapes/{_CONFIG.value} {_SPLIT.value} as {_LAYOUT.value} to {where}")
 
 

@@ -36,8 +36,10 @@ placeholder = ml_collections.config_dict.placeholder
 _DATA_OVERRIDES = {
     "source": "source", "dataset": "name", "split": "eval_split", "data_dir": "data_dir",
     "image_key": "image_key", "text_key": "text_key", "label_key": "label_key",
-    "id_key": "id_key", "questions_key": "questions_key", "shards": "eval_shards", "jsonl": "eval_jsonl",
-    "image_root": "image_root", "folder": "eval_folder", "classnames": "classnames",
+    "id_key": "id_key", "questions_key": "questions_key", "shards": "eval_shards",
+    "jsonl": "eval_jsonl", "image_root": "image_root", "folder": "eval_folder",
+    "classnames": "classnames", "vqa_questions": "eval_vqa_questions",
+    "vqa_annotations": "eval_vqa_annotations", "vqa_images": "eval_vqa_images",
 }
 
 
@@ -48,7 +50,7 @@ def entry_config(kind: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.kind = kind
   c.tag = placeholder(str)         # <dataset> in metric names; default: TFDS name or source kind
-  c.source = placeholder(str)      # 'tfds' | 'wds' | 'jsonl' | 'imagefolder' (None: data.source)
+  c.source = placeholder(str)      # 'tfds' | 'wds' | 'jsonl' | 'imagefolder' | 'vqav2' (None: data.source)
   c.dataset = placeholder(str)     # TFDS name, e.g. 'cifar10'
   c.split = placeholder(str)       # e.g. 'test', 'validation[:1000]'
   c.data_dir = placeholder(str)
@@ -61,6 +63,9 @@ def entry_config(kind: str) -> ml_collections.ConfigDict:
   c.jsonl = placeholder(str)       # jsonl: captions.jsonl path
   c.image_root = placeholder(str)
   c.folder = placeholder(str)      # imagefolder: root/<class_name>/<images>
+  c.vqa_questions = placeholder(str)    # vqav2: questions JSON
+  c.vqa_annotations = placeholder(str)  # vqav2: annotations JSON
+  c.vqa_images = placeholder(str)       # vqav2: COCO-named image folder
   c.classnames = placeholder(str)  # comma-separated; None: data.classnames / the source's
   c.batch_size = placeholder(int)  # None: evals.batch_size (global, all processes)
   return c

@@ -30,10 +30,11 @@ from vlm_jax.data.sources.common import CAPTIONS, LABEL, QUESTIONS, DataLacks, e
 from vlm_jax.data.sources.imagefolder import ImageFolderSource
 from vlm_jax.data.sources.jsonl import JsonlSource
 from vlm_jax.data.sources.tfds import FieldMap, TfdsSource
+from vlm_jax.data.sources.vqav2 import Vqav2Source
 from vlm_jax.data.sources.wds import (WdsSource, expand_braces, index_shard, list_shards,
                                       read_tar_sample)
 
-KINDS = ("tfds", "wds", "jsonl", "imagefolder")
+KINDS = ("tfds", "wds", "jsonl", "imagefolder", "vqav2")
 
 
 def make_source(data_config, split_name):
@@ -61,6 +62,12 @@ def make_source(data_config, split_name):
     names = [n.strip() for n in (data_config.get("classnames") or "").split(",") if n.strip()]
     return ImageFolderSource(data_config.get(f"{split_name}_folder"), field=field,
                              class_names=names or None)
+  if kind == "vqav2":
+    get = lambda f: data_config.get(f"{split_name}_vqa_{f}")
+    if not get("questions") or not get("images"):
+      raise ValueError(f"data.{split_name}_vqa_questions / data.{split_name}_vqa_images: the "
+                       "VQAv2 questions JSON and image folder must be given")
+    return Vqav2Source(get("questions"), get("annotations"), get("images"), field=split_name)
   raise ValueError(f"data.source: unknown source {kind!r}; expected one of {', '.join(KINDS)}")
 
 
@@ -98,5 +105,5 @@ def check_fields(source, field_ops, who: str):
 
 
 __all__ = ["make_source", "captions", "check_fields", "KINDS", "CAPTIONS", "LABEL", "QUESTIONS", "DataLacks", "even_share", "FieldMap",
-           "TfdsSource", "JsonlSource", "WdsSource", "ImageFolderSource", "expand_braces",
+           "TfdsSource", "Vqav2Source", "JsonlSource", "WdsSource", "ImageFolderSource", "expand_braces",
            "index_shard", "list_shards", "read_tar_sample"]
