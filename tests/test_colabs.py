@@ -3,7 +3,8 @@
 Each notebook has one code cell tagged "parameters"; the tests replace its source with tiny
 settings (a 1-layer model, a few steps on shapes/tiny) and execute the notebook with nbclient in
 a fresh kernel, as a user would ("Run all"). The evaluate_checkpoint notebook runs on the
-checkpoint the quickstart run wrote (both in one test). The executed notebooks are checked for
+checkpoint the quickstart run wrote (both in one test); vqa_captioning runs in
+tests/test_prefix_lm.py on the prefix-LM that module trains. The executed notebooks are checked for
 errors and for the figures and printed results each section promises.
 """
 import base64
@@ -19,7 +20,7 @@ from train_utils import REPO, tiny_overrides
 import xla_flags
 
 COLABS = os.path.join(REPO, "colabs")
-NOTEBOOKS = ("quickstart.ipynb", "evaluate_checkpoint.ipynb")
+NOTEBOOKS = ("quickstart.ipynb", "evaluate_checkpoint.ipynb", "vqa_captioning.ipynb")
 CELL_TIMEOUT_S = 300
 
 

@@ -232,3 +232,20 @@ def test_vqav2_files_score_like_the_tfds_split(trained, tmp_path):
   os.remove(os.path.join(paths["images"], first))
   metrics = vqa.evaluate(model.context, "files", entry)
   assert metrics["vqa/files/num_questions"] == 63 * 3
+
+
+def test_vqa_notebook_runs_on_the_trained_model(trained, shapes_data_dir, tmp_path):
+  """colabs/vqa_captioning.ipynb top to bottom (TRAIN=False: the module's tiny run)."""
+  import test_colabs  # pylint: disable=g-import-not-at-top
+  workdir, _ = trained
+  params = "\n".join([f"WORKDIR = {workdir!r}", f"DATA_DIR = {shapes_data_dir!r}",
+                      "VARIANT = 'tiny'", "TOTAL_STEPS = 30", "OVERRIDES = {}", "TRAIN = False",
+                      "NUM_EXAMPLES = 4",
+                      "QUESTIONS = ['how many objects are there?', 'is there a red square?']"])
+  nb = test_colabs.run_notebook("vqa_captioning.ipynb", params, str(tmp_path))
+  test_colabs.check_ran_in_order(nb)
+  cell = test_colabs.cell_with(nb, "model.answer(")
+  out = test_colabs.text_output(cell)
+  assert "prefix_lm checkpoint, step 30" in out
+  assert out.count("Q: how many objects are there?  A:") == 4
+  assert len(test_colabs.images_of(cell)) == 1
