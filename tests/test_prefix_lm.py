@@ -181,6 +181,9 @@ def test_generation_continues_the_prompt_like_teacher_forcing(trained, shapes_da
                                 np.array([plen], np.int32))["caption_logits"]
     want = np.argmax(np.asarray(logits[0, plen:plen + len(answer)]), axis=-1)
     assert want.tolist() == row[plen + 1:plen + 1 + len(answer)].tolist()
+  # Beam search of width 1 is greedy search; a wider beam answers too.
+  assert model.answer(images, questions, max_len=6, beam=1) == answers
+  assert len(model.answer(images, questions, max_len=6, beam=3)) == 3
   # Prompts of different lengths in one batch give what each gives alone.
   together = model.answer(np.concatenate([images[:1], images[:1]]),
                           ["how many objects are there?", "what shape is the large red object?"],
