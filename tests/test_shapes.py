@@ -191,7 +191,7 @@ def test_two_preparations_are_identical(shapes_data_dir, tmp_path):
 
 
 def test_prepare_is_idempotent_and_checks_the_format(shapes_data_dir):
-  version_dir = os.path.join(shapes_data_dir, "shapes", CONFIG, "1.0.0")
+  version_dir = os.path.join(shapes_data_dir, "shapes", CONFIG, str(shapes.Shapes.VERSION))
   before = {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns for f in os.listdir(version_dir)}
   t0 = time.time()
   shapes.prepare(CONFIG, shapes_data_dir)

@@ -18,7 +18,7 @@ def cache_dir() -> str:
 
 
 def is_embedded(tfds_name: str) -> bool:
-  """Whether `tfds_name` ('shapes/demo', 'shapes/tiny:1.0.0') is the embedded dataset."""
+  """Whether `tfds_name` ('shapes/demo', 'shapes/tiny:1.1.0') is the embedded dataset."""
   return tfds_name.split("/")[0].split(":")[0] == "shapes"
 
 

@@ -348,8 +348,10 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
                 "question": tfds.features.Text(),
                 "question_type": tfds.features.Text(),
                 "answer_type": tfds.features.Text(),
-                "answers": tfds.features.Sequence(tfds.features.Text(),
-                                                  length=shapes_vqa.ANSWERS_PER_QUESTION),
+                # A fixed-shape string tensor, not a nested Sequence: tfds 4.9's tf.data reader
+                # cannot decode a Sequence inside a Sequence of dicts.
+                "answers": tfds.features.Tensor(shape=(shapes_vqa.ANSWERS_PER_QUESTION,),
+                                                dtype=np.str_),
             }),
         }),
         supervised_keys=("image", "label"),
