@@ -21,7 +21,7 @@ import os
 
 import json
 
-from vlm_jax.convert import big_vision, configs, hf, hf_lm, openclip
+from vlm_jax.convert import big_vision, configs, hf, hf_lm, hf_vit, openclip
 from vlm_jax.convert.common import (ConversionError, check_out_dir, read_checkpoint,
                                     write_output)
 from vlm_jax.convert.configs import NAMED_MODELS, ClipArch
@@ -85,9 +85,11 @@ def convert_checkpoint(fmt: str, checkpoint: str, out: str, *, model: str | None
     raise ConversionError(f"convert: --format {fmt!r}: expected one of {', '.join(FORMATS)}")
   check_out_dir(out)
   source = os.path.basename(checkpoint)
-  lm_config = _hf_lm_config(fmt, checkpoint, model)
-  if lm_config is not None:
-    return _convert_lm(*lm_config, checkpoint, out, tokenizer)
+  hf_config = _hf_model_config(fmt, checkpoint, model)
+  if hf_config is not None and hf_lm.is_lm_config(hf_config[0]):
+    return _convert_lm(*hf_config, checkpoint, out, tokenizer)
+  if hf_config is not None and hf_vit.is_vit_config(hf_config[0]):
+    return _convert_vit(*hf_config, checkpoint, out)
   if fmt == "big_vision" and not model:
     # Prepared once here (its own convert's prepare is then a no-op over plain names).
     state = big_vision.prepare(read_checkpoint(checkpoint), source)
@@ -115,8 +117,9 @@ def convert_checkpoint(fmt: str, checkpoint: str, out: str, *, model: str | None
                       tokenizer_bytes=tokenizers.to_bytes(tok) if tok is not None else None)
 
 
-def _hf_lm_config(fmt: str, checkpoint: str, model: str | None):
-  """(config.json dict, its path) when --format hf names a GPT-2 / Llama model, else None."""
+def _hf_model_config(fmt: str, checkpoint: str, model: str | None):
+  """(config.json dict, its path) when --format hf names a GPT-2 / Llama / ViT model, else None
+  (CLIP and SigLIP are resolved by `configs.resolve_arch`)."""
   if fmt != "hf":
     return None
   path = model or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
@@ -127,7 +130,28 @@ def _hf_lm_config(fmt: str, checkpoint: str, model: str | None):
       d = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError):
     return None       # resolve_arch reports an unreadable file
-  return (d, path) if isinstance(d, dict) and hf_lm.is_lm_config(d) else None
+  if isinstance(d, dict) and (hf_lm.is_lm_config(d) or hf_vit.is_vit_config(d)):
+    return d, path
+  return None
+
+
+def _convert_vit(d: dict, model_path: str, checkpoint: str, out: str) -> str:
+  """A Hugging Face ViTModel / ViTForImageClassification -> a classification workdir."""
+  source = os.path.basename(checkpoint)
+  fields = hf_vit.fields(d, model_path)
+  state = read_checkpoint(checkpoint)
+  params, classes, dropped = hf_vit.convert(state, fields, source=source, model=model_path)
+  config = hf_vit.to_config(fields, classes)
+  if classes and fields["num_labels"] == classes:
+    labels = d.get("id2label") or {}
+    names = [str(labels.get(str(i), labels.get(i, i))) for i in range(classes)]
+    config.data.classnames = ",".join(n.replace(",", " ") for n in names)
+  check_against_model(params, config)
+  report = {"format": "hf", "checkpoint": os.path.abspath(checkpoint), "model": model_path,
+            "arch": fields, "tensors": len(state), "classes": classes,
+            "left_out": dropped and ["the pooler (Dense + tanh over the class token): "
+                                     + ", ".join(dropped)]}
+  return write_output(out, params, config, report=report)
 
 
 def _convert_lm(d: dict, model_path: str, checkpoint: str, out: str,

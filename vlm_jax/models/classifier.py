@@ -6,7 +6,8 @@ The head starts at zero by default (`head_zero_init`), as big_vision's fine-tuni
 the first steps then train the head without disturbing a pre-trained tower
 (`--config.init_from=` a CLIP / CoCa workdir loads the `image/...` params).
 
-`__call__(images, *, train=False)` returns {'logits': [B, C]}; `image_features(images)` the
+`__call__(images, *, train=False)` returns {'logits': [B, C]} ({'features': [B, W]} when
+num_classes is 0: a tower without a head); `image_features(images)` the
 pooled features the head reads (linear probes use them).
 Parameter names: image/..., head/{kernel [W, C], bias [C]}.
 """
@@ -35,6 +36,8 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> dict:
+    if self.num_classes == 0:     # features only: no head (an imported ViTModel)
+      return dict(features=self.image_features(images, train=train))
     init = nn.initializers.zeros_init() if self.head_zero_init else nn.initializers.lecun_normal()
     head = layers.dense(self.num_classes, ("embed", "classes"), use_bias=True, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="head", kernel_init=init)

@@ -11,6 +11,9 @@ top-1 accuracy is logged as `accuracy`.
 the class folders of an ImageFolder); the run records it, and the class names, in its config.
 
 Predict functions: classify (logits [B, C]) and image_features (pooled [B, W]).
+
+`model.num_classes = 0` is an image tower without a head (an imported Hugging Face ViTModel):
+it offers image_features only (linear probes, `init_from='image=DIR'`) and cannot be trained.
 """
 from __future__ import annotations
 
@@ -43,8 +46,9 @@ class ClassificationTask(base.Task):
 
   def validate(self, config):
     n = config.model.num_classes
-    if n is not None and n < 2:
-      return [f"model.num_classes: {n}; a classifier needs at least 2 classes"]
+    if n is not None and n != 0 and n < 2:
+      return [f"model.num_classes: {n}; a classifier needs at least 2 classes (0: an image "
+              "tower without a head, for features only)"]
     return []
 
   def finalize(self, config, class_names):
@@ -85,6 +89,9 @@ class ClassificationTask(base.Task):
     return (batch["image"],)
 
   def objective(self, config, model):
+    if not config.model.num_classes:
+      raise ValueError("model.num_classes: 0 is an image tower without a head (features only), "
+                       "which has nothing to train; set the number of classes")
     smoothing = float(config.loss.label_smoothing)
 
     def local_terms(outputs, batch):
@@ -99,7 +106,10 @@ class ClassificationTask(base.Task):
   def predict_fns(self, config, model):
     def classify(params, batch):
       return model.apply({"params": params}, batch["image"])["logits"]
-    return {"classify": classify, "image_features": base.image_features_fn(model)}
+    fns = {"image_features": base.image_features_fn(model)}
+    if config.model.num_classes != 0:
+      fns["classify"] = classify
+    return fns
 
   def forward_flops(self, config):
     m = config.model
