@@ -160,6 +160,7 @@ def test_prefix_lm_composed_from_two_checkpoints(gpt2_dir, tmp_path, shapes_data
 
   cfg = tiny_config("prefixlm", shapes_data_dir, init_from=f"image={image_dir},lm={gpt2}",
                     freeze="^lm/")
+  cfg.model.image.update(variant=cls_cfg.model.image.variant, posemb=cls_cfg.model.image.posemb)
   cfg.model.lm.update(style="gpt2", width=48, depth=2, num_heads=3, mlp_dim=80, vocab_size=VOCAB,
                       max_length=96)
   cfg.tokenizer.vocab_size = VOCAB
