@@ -100,3 +100,19 @@ def test_config_problems_name_the_field():
     c = lm.default_config()
     c.num_kv_heads = 2
     lm.from_config(c, vocab_size=10, max_length=8)
+
+
+def test_scanned_lm_decodes_like_the_plain_one():
+  plain, scanned = _model("llama"), _model("llama", scan=True)
+  prefix, tokens = _inputs()
+  params = nn.unbox(plain.init(jax.random.key(0), tokens, prefix=prefix)["params"])
+  stacked = layers.stack_block_params(params)
+  outs = []
+  for m, p in ((plain, params), (scanned, stacked)):
+    cache = lm.init_cache(m, p, dict(tokens=jnp.zeros((B, P + 2), jnp.int32), prefix=prefix))
+    _, mut = m.apply({"params": p, "cache": cache}, tokens[:, :P], prefix=prefix,
+                     prefix_len=jnp.full((B,), N + P), decode=True, mutable=["cache"])
+    step, _ = m.apply({"params": p, "cache": mut["cache"]}, tokens[:, P:P + 1], decode=True,
+                      mutable=["cache"])
+    outs.append(step)
+  np.testing.assert_allclose(outs[1], outs[0], atol=2e-5)
