@@ -226,10 +226,15 @@ def test_vqav2_files_score_like_the_tfds_split(trained, tmp_path):
   assert metrics["vqa/files/num_questions"] == 64 * 3
   assert metrics["vqa/files/accuracy"] == pytest.approx(final["eval/vqa/shapes/accuracy"],
                                                         abs=1e-9)
-  results = tmp_path / "results.json"
-  results.write_text(json.dumps(model.context.artifacts["vqa/files"]))
-  scored = vqa.score_files(paths["questions"], paths["annotations"], str(results))
+  # `evaluate` writes the answers in the official results format; the scorer reads them.
+  from vlm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config = inference.load_config(inference.locate(workdir))
+  config.evals.run = "vqa"
+  evaluate.evaluate(config, workdir)
+  results = os.path.join(workdir, "eval", "vqa_results_shapes_30.json")
+  scored = vqa.score_files(paths["questions"], paths["annotations"], results)
   assert scored["overall"] / 100 == pytest.approx(metrics["vqa/files/accuracy"], abs=1e-4)
+  assert len(json.loads(open(results).read())) == 64 * 3
   # One image gone: its questions are skipped (counted by the pipeline), the rest still scored.
   first = sorted(os.listdir(paths["images"]))[0]
   os.remove(os.path.join(paths["images"], first))

@@ -72,6 +72,10 @@ def evaluate(config, workdir: str, step: int | None = None, *, mesh=None,
     captions = {k: v for k, v in model.context.artifacts.items() if k.startswith("caption/")}
     if captions:
       _write_json(os.path.join(out_dir, f"captions_{loc.step}.json"), captions)
+    for key, answers in model.context.artifacts.items():
+      if key.startswith("vqa/"):   # the official VQA results format, for the scorer CLI
+        tag = key.split("/", 1)[1].replace("/", "_")
+        _write_json(os.path.join(out_dir, f"vqa_results_{tag}_{loc.step}.json"), answers)
   return metrics, loc.step
 
 
