@@ -142,6 +142,7 @@ def test_wrong_depth_and_gpt2_quirks_are_refused(gpt2_dir, tmp_path):
 def test_prefix_lm_composed_from_two_checkpoints(gpt2_dir, tmp_path, shapes_data_dir):
   """init_from='image=<an image model>,lm=<a converted GPT-2>' puts each sub-tree in place."""
   import jax  # pylint: disable=g-import-not-at-top
+  from vlm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from vlm_jax import runtime  # pylint: disable=g-import-not-at-top
   from vlm_jax import tasks  # pylint: disable=g-import-not-at-top
   from vlm_jax.convert import common  # pylint: disable=g-import-not-at-top
@@ -173,4 +174,4 @@ def test_prefix_lm_composed_from_two_checkpoints(gpt2_dir, tmp_path, shapes_data
   np.testing.assert_array_equal(params["image"]["encoder"]["block_0"]["attn"]["query"]["kernel"],
                                 cls_params["image"]["encoder"]["block_0"]["attn"]["query"]["kernel"])
   with pytest.raises(ValueError, match="each entry is subtree=checkpoint"):
-    runtime.init_from_entries(f"{image_dir},lm={gpt2}")
+    ckpt_lib.init_from_entries(f"{image_dir},lm={gpt2}")

@@ -261,6 +261,24 @@ class Checkpointer:
     self.manager.close()
 
 
+def init_from_entries(value: str) -> list:
+  """[(subtree or "", checkpoint path)] of `config.init_from`: one checkpoint, or comma-separated
+  `subtree=checkpoint` entries (see `vlm_jax.runtime.Runtime.init_params_from`)."""
+  parts = [p.strip() for p in str(value or "").split(",") if p.strip()]
+  entries = []
+  for part in parts:
+    subtree, sep, where = part.partition("=")
+    if not sep:
+      if len(parts) > 1:
+        raise ValueError(f"init_from: {part!r}: with several checkpoints each entry is "
+                         "subtree=checkpoint (e.g. image=runs/clip,lm=runs/gpt2)")
+      subtree, where = "", part
+    elif not subtree.strip() or not where.strip():
+      raise ValueError(f"init_from: {part!r}: expected subtree=checkpoint")
+    entries.append((subtree.strip().strip("/"), where.strip()))
+  return entries
+
+
 def _ema_in(state_metadata) -> bool:
   try:
     return _get(state_metadata, "ema_params") is not None

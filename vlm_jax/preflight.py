@@ -135,9 +135,8 @@ def trainer_problems(config, num_devices=None) -> list:
   problems += _regex_problem("init_from_skip", config.init_from_skip)
   problems += _regex_problem("optim.no_decay", config.optim.no_decay)
   if config.init_from:
-    from vlm_jax import runtime  # pylint: disable=g-import-not-at-top
     try:
-      for _, where in runtime.init_from_entries(config.init_from):
+      for _, where in ckpt_lib.init_from_entries(config.init_from):
         ckpt_lib.locate(where, field="init_from")
     except (FileNotFoundError, ValueError) as e:
       problems.append(str(e))

@@ -115,7 +115,7 @@ class Runtime:
     config = self.config
     flat = ckpt_lib.flatten(state.params)
     total = 0
-    for subtree, where in init_from_entries(config.init_from):
+    for subtree, where in ckpt_lib.init_from_entries(config.init_from):
       loc = ckpt_lib.locate(where, field="init_from")
       source = ckpt_lib.Checkpointer(loc.checkpoints, read_only=True, async_save=False)
       try:
@@ -136,23 +136,6 @@ class Runtime:
     logging.info("init_from: %d of %d params loaded", total, len(flat))
     ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
     return state.replace(params=params, ema_params=ema)   # the average starts at the loaded params
-
-
-def init_from_entries(value: str) -> list:
-  """[(subtree or '', checkpoint path)] of `config.init_from` (see `init_params_from`)."""
-  parts = [p.strip() for p in str(value or "").split(",") if p.strip()]
-  entries = []
-  for part in parts:
-    subtree, sep, where = part.partition("=")
-    if not sep:
-      if len(parts) > 1:
-        raise ValueError(f"init_from: {part!r}: with several checkpoints each entry is "
-                         "subtree=checkpoint (e.g. image=runs/clip,lm=runs/gpt2)")
-      subtree, where = "", part
-    elif not subtree.strip() or not where.strip():
-      raise ValueError(f"init_from: {part!r}: expected subtree=checkpoint")
-    entries.append((subtree.strip().strip("/"), where.strip()))
-  return entries
 
 
 # ---- checks before anything is built ------------------------------------------------------------
