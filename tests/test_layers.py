@@ -159,3 +159,19 @@ def test_bf16_compute_keeps_fp32_params():
 def test_depth_must_be_positive():
   with pytest.raises(ValueError, match="depth"):
     layers.Encoder(depth=0, num_heads=2, mlp_dim=8).init(KEY, jnp.ones((1, 2, 8)))
+
+
+def test_cross_attention_decoding_projects_the_context_once():
+  """With decode=True the first call keeps the context's keys/values in the cache and later
+  calls read them there: a step given another context gives the same output."""
+  attn = layers.Attention(num_heads=2)
+  x = jax.random.normal(jax.random.key(0), (3, 1, 8))
+  context = jax.random.normal(jax.random.key(1), (3, 5, 8))
+  params = attn.init(jax.random.key(2), x, context=context)["params"]
+  want = attn.apply({"params": params}, x, context=context)
+  first, mut = attn.apply({"params": params}, x, context=context, decode=True, mutable=["cache"])
+  assert mut["cache"]["context_key"].shape == (3, 5, 2, 4)
+  np.testing.assert_allclose(first, want, atol=1e-6)
+  step, _ = attn.apply({"params": params, "cache": mut["cache"]}, x,
+                       context=jnp.zeros_like(context), decode=True, mutable=["cache"])
+  np.testing.assert_allclose(step, want, atol=1e-6)

@@ -8,7 +8,9 @@ Both searches are written against one small interface so they can be tested with
 next-token logits, and `cache` is any pytree (e.g. a Flax 'cache' collection of KV buffers). The
 searches never look inside the cache except to reorder beams: every cache leaf whose leading
 dimension equals N is treated as per-sequence state and gathered when beams are reordered; other
-leaves (e.g. the scalar `cache_index`) are shared by all sequences and left alone.
+leaves (e.g. the scalar `cache_index`) are shared by all sequences and left alone, and so are
+leaves under a key starting with `context_` (the image tokens' keys/values, the same for every
+beam of an example).
 
 Sequences start from `bos_id` (which is not part of the output) and stop at `eos_id` (which is).
 Outputs are int32 [B, max_len] with `pad_id` after the end of each sequence, i.e. the layout the
@@ -40,15 +42,22 @@ def length_penalty(length, alpha):
   return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
+# Cache leaves under a key starting with this prefix hold what the beams of one example share
+# (the keys/values of its image tokens): reordering beams leaves them as they are.
+SHARED_PREFIX = "context_"
+
+
 def _gather_beams(tree, indices, batch, beam):
-  """Reorders every per-sequence leaf [batch * beam, ...] by `indices` int32 [batch, beam]."""
+  """Reorders every per-sequence leaf [batch * beam, ...] by `indices` int32 [batch, beam]
+  (beams only move within their example, so leaves shared by an example's beams are kept)."""
   flat = (indices + jnp.arange(batch)[:, None] * beam).reshape(-1)
 
-  def gather(x):
-    if hasattr(x, "ndim") and x.ndim >= 1 and x.shape[0] == batch * beam:
+  def gather(path, x):
+    shared = any(str(getattr(k, "key", "")).startswith(SHARED_PREFIX) for k in path)
+    if not shared and hasattr(x, "ndim") and x.ndim >= 1 and x.shape[0] == batch * beam:
       return jnp.take(x, flat, axis=0)
     return x
-  return jax.tree.map(gather, tree)
+  return jax.tree_util.tree_map_with_path(gather, tree)
 
 
 def greedy(logits_fn: LogitsFn, cache, *, batch_size: int, max_len: int, bos_id: int,

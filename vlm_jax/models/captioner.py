@@ -27,9 +27,11 @@ class CaptionMethods:
     return tokens
 
   def decode(self, image_tokens: jax.Array, text: jax.Array, *, decode: bool = False,
-             train: bool = False) -> jax.Array:
-    """Caption logits [B, L, vocab] float32 (decode=True: one token per call, KV cache)."""
-    return self.decoder(image_tokens, text, train=train, decode=decode)
+             train: bool = False, cache_length: Optional[int] = None) -> jax.Array:
+    """Caption logits [B, L, vocab] float32 (decode=True: one token per call, KV cache of
+    `cache_length` positions)."""
+    return self.decoder(image_tokens, text, train=train, decode=decode,
+                        cache_length=cache_length)
 
 
 class Captioner(CaptionMethods, nn.Module):

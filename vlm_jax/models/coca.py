@@ -33,16 +33,16 @@ class CoCa(CaptionMethods, TwoTower):
                 **self.logits_params())
 
 
-def init_cache(model: nn.Module, variables: dict, image_tokens: jax.Array, max_length: int) -> dict:
-  """A zeroed KV cache for decoding `max_length` tokens with any model that has a
-  `decode(image_tokens, text, decode=...)` method (CoCa, Captioner): the 'cache' collection to
-  pass (with the params) to `model.apply(..., method='decode', decode=True, mutable=['cache'])`.
-
-  Only shapes are traced (jax.eval_shape); the model is not run.
+def init_cache(model: nn.Module, variables: dict, image_tokens: jax.Array,
+               max_length: int) -> dict:
+  """The 'cache' collection for decoding with any model that has a
+  `decode(image_tokens, text, decode=...)` method (CoCa, Captioner): zeroed self-attention
+  buffers for `max_length` tokens, the position, and the cross-attention keys/values of
+  `image_tokens`, computed here once (one call on a single dummy token). Pass it (with the params) to
+  `model.apply(..., method='decode', decode=True, mutable=['cache'])`.
   """
   batch = image_tokens.shape[0]
-  dummy = jnp.zeros((batch, max_length), jnp.int32)
-  _, shapes = jax.eval_shape(
-      lambda v, t: model.apply(v, t, dummy, decode=True, method="decode", mutable=["cache"]),
-      {"params": variables["params"]}, image_tokens)
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+  _, mutated = model.apply({"params": variables["params"]}, image_tokens,
+                           jnp.zeros((batch, 1), jnp.int32), decode=True, method="decode",
+                           cache_length=max_length, mutable=["cache"])
+  return mutated["cache"]

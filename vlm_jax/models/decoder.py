@@ -12,10 +12,11 @@ logits have unit scale after the final LayerNorm; bias zero); tied = the transpo
 embedding (`token_embedding.attend`). The head is computed in the compute dtype and cast to
 float32.
 
-Decoding with a KV cache (`decode=True`): call once with a [B, max_len] dummy text to create the
-zeroed 'cache' collection (`init_cache` does this without running the model), then feed one token
-[B, 1] per call with `mutable=['cache']`. The cache holds each self-attention's keys/values and
-the current position; the cross-attention keys/values are recomputed from the image tokens.
+Decoding with a KV cache (`decode=True`): one call with the image tokens and a [B, 1] dummy text
+creates the 'cache' collection (`init_cache`): zeroed self-attention buffers of `cache_length`
+positions (default `max_length`), the position counter, and every cross-attention's keys/values of the image tokens,
+computed once there. Then feed one token [B, 1] per call with `mutable=['cache']`; a step
+projects only its own token (the image tokens are not projected again).
 
 Parameter names: token_embedding/embedding, pos_embedding [max_length, width],
 block_<i>/{ln_1, self_attn, ln_2, cross_attn, ln_3, mlp}, decoder_norm, head (untied only).
@@ -54,7 +55,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, image_tokens: jax.Array, text: jax.Array, *, train: bool = False,
-               decode: bool = False) -> jax.Array:
+               decode: bool = False, cache_length: int | None = None) -> jax.Array:
     validate(self)
     if text.ndim != 2 or text.shape[1] > self.max_length:
       raise ValueError(f"text: expected shape [B, L] with L <= model.text.context_length="
@@ -90,7 +91,8 @@ class Decoder(nn.Module):
         layers.DecoderBlock, self.depth, x, context, self_mask, None,
         remat=self.remat, scan=self.scan, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         act=self.act, ln_eps=self.ln_eps, use_bias=self.use_bias, dropout=self.dropout,
-        deterministic=not train, decode=decode, attention=self.attention, **kw)
+        deterministic=not train, decode=decode, attention=self.attention,
+        cache_length=(cache_length or self.max_length) if decode else None, **kw)
     x = layers.layer_norm("decoder_norm", self.ln_eps, True, **kw)(x)
 
     if self.tie_embeddings:

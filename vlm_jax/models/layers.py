@@ -120,10 +120,13 @@ class Attention(nn.Module):
   """Multi-head dot-product attention: self-attention (context=None) or cross-attention.
 
   mask: boolean, broadcastable to [batch, heads, q_len, kv_len]; True = may attend.
-  decode: autoregressive self-attention with a KV cache in the Flax 'cache' collection. The
-    first call (cache absent) creates zeroed cache buffers sized by its input length and computes
-    the ordinary (masked) attention; later calls take one new token each, write its key/value at
-    `cache_index` and attend to positions <= cache_index.
+  decode: attention with a cache in the Flax 'cache' collection. Self-attention: the first call
+    (cache absent) creates zeroed key/value buffers of `cache_length` positions (default: its
+    input length) and computes the ordinary (masked) attention; later calls take one new token
+    each, write its key/value at `cache_index` and attend to positions <= cache_index.
+    Cross-attention: the first call computes the context's keys/values and keeps them in the
+    cache; later calls read them from there (the context argument is then not used), so a
+    decoding loop projects the image tokens once, not at every step.
   impl: how the scores are computed (`ATTENTION_IMPLS`): 'einsum' (the reference: two einsums,
     logits and softmax in float32), 'xla' (`jax.nn.dot_product_attention`, XLA's fused
     attention) or 'cudnn' (its cuDNN flash kernel: GPU, bf16 / fp16, head size <= 128; a boolean
@@ -134,6 +137,7 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   impl: str = "einsum"
+  cache_length: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: Array, context: Optional[Array] = None, mask: Optional[Array] = None,
@@ -146,16 +150,19 @@ class Attention(nn.Module):
     proj = functools.partial(Projection, (self.num_heads, head_dim), ("embed", HEADS, KV),
                              use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
     q = proj(name="query")(x)
-    k = proj(name="key")(kv_in)
-    v = proj(name="value")(kv_in)
     qkv_axes = (BATCH, LENGTH, HEADS, KV)
     q = nn.with_logical_constraint(q, qkv_axes)
-    k = nn.with_logical_constraint(k, qkv_axes)
-    v = nn.with_logical_constraint(v, qkv_axes)
-
-    if decode:
-      if context is not None:
-        raise ValueError("decode=True is only supported for self-attention")
+    if decode and context is not None and self.has_variable("cache", "context_key"):
+      # Decoding step: the context's keys/values were computed once, by the first call.
+      k = self.get_variable("cache", "context_key")
+      v = self.get_variable("cache", "context_value")
+    else:
+      k = nn.with_logical_constraint(proj(name="key")(kv_in), qkv_axes)
+      v = nn.with_logical_constraint(proj(name="value")(kv_in), qkv_axes)
+      if decode and context is not None:
+        self.variable("cache", "context_key", lambda: k)
+        self.variable("cache", "context_value", lambda: v)
+    if decode and context is None:
       k, v, mask = self._update_cache(k, v, mask)
 
     if self.impl == "einsum":
@@ -180,8 +187,9 @@ class Attention(nn.Module):
 
   def _update_cache(self, k, v, mask):
     initialised = self.has_variable("cache", "cached_key")
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    shape = (k.shape[0], self.cache_length or k.shape[1]) + k.shape[2:]
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
     cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not initialised:   # Shape-setting call: plain attention over the given sequence.
       return k, v, mask
@@ -263,6 +271,7 @@ class DecoderBlock(nn.Module):
   dropout: float = 0.0
   deterministic: bool = True
   decode: bool = False
+  cache_length: Optional[int] = None    # decode: positions of the self-attention cache
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str = "einsum"
@@ -276,11 +285,11 @@ class DecoderBlock(nn.Module):
     x = nn.with_logical_constraint(x, ACT_AXES)
     y = layer_norm("ln_1", self.ln_eps, self.ln_bias, **kw)(x)
     y = Attention(self.num_heads, use_bias=self.use_bias, impl=self.attention, name="self_attn",
-                  **kw)(y, mask=self_mask, decode=self.decode)
+                  cache_length=self.cache_length, **kw)(y, mask=self_mask, decode=self.decode)
     x = x + drop(y)
     y = layer_norm("ln_2", self.ln_eps, self.ln_bias, **kw)(x)
     y = Attention(self.num_heads, use_bias=self.use_bias, impl=self.attention, name="cross_attn",
-                  **kw)(y, context=context, mask=context_mask)
+                  **kw)(y, context=context, mask=context_mask, decode=self.decode)
     x = x + drop(y)
     y = layer_norm("ln_3", self.ln_eps, self.ln_bias, **kw)(x)
     y = MLP(self.mlp_dim, act=self.act, use_bias=self.use_bias, name="mlp", **kw)(y)
