@@ -53,6 +53,16 @@ def build_decoder(config, vocab_size: int, context_length: int):
                             **models.common_kwargs(config.model))
 
 
+def sequence_nll(logits, text):
+  """(summed negative log-likelihood [N], real-token count [N]) of teacher-forced rows `text`
+  [N, L] under `logits` [N, L, V] (position t predicts token t + 1; padding does not count)."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  targets = text[:, 1:]
+  mask = (targets != PAD_ID).astype(jnp.float32)
+  token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return -jnp.sum(token_logp * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
 def caption_predict_fns(model) -> dict:
   """generate and caption_nll for any model with `image_tokens(images)` and
   `decode(image_tokens, text, decode=...)` (CoCa, Captioner)."""
@@ -90,13 +100,9 @@ def caption_predict_fns(model) -> dict:
     image_tokens = model.apply({"params": params}, batch["image"], method="image_tokens")
     tokens = jnp.repeat(image_tokens, k, axis=0)
     text = captions.reshape(b * k, length)
-    logits = model.apply({"params": params}, tokens, text, method="decode")
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    targets = text[:, 1:]
-    mask = (targets != PAD_ID).astype(jnp.float32)
-    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    nll = -jnp.sum(token_logp * mask, axis=-1)
-    return nll.reshape(b, k), jnp.sum(mask, axis=-1).reshape(b, k)
+    nll, count = sequence_nll(model.apply({"params": params}, tokens, text, method="decode"),
+                              text)
+    return nll.reshape(b, k), count.reshape(b, k)
 
   return {"generate": generate, "caption_nll": caption_nll}
 

@@ -20,7 +20,6 @@ answer (batch['questions'] [B, Q, P] -> answers [B, Q, max_len]), caption_nll, i
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -31,6 +30,7 @@ from vlm_jax.data import ops
 from vlm_jax.models import lm as lm_lib
 from vlm_jax.models import prefix_lm
 from vlm_jax.tasks import base
+from vlm_jax.tasks import captioning
 from vlm_jax.tasks.captioning import PAD_ID
 
 
@@ -202,12 +202,8 @@ class PrefixLMTask(base.Task):
       text = captions.reshape(b * k, length)
       logits = model.apply({"params": params}, images, text,
                            jnp.zeros((b * k,), jnp.int32))["caption_logits"]
-      logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-      targets = text[:, 1:]
-      mask = (targets != PAD_ID).astype(jnp.float32)
-      token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-      nll = -jnp.sum(token_logp * mask, axis=-1)
-      return nll.reshape(b, k), jnp.sum(mask, axis=-1).reshape(b, k)
+      nll, count = captioning.sequence_nll(logits, text)
+      return nll.reshape(b, k), count.reshape(b, k)
 
     return {"generate": generate, "answer": answer, "caption_nll": caption_nll,
             "image_features": base.image_features_fn(model)}

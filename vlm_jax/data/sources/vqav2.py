@@ -96,6 +96,10 @@ class Vqav2Source:
   def __len__(self):
     return len(self._records)
 
+  def all_questions(self) -> list:
+    """Every question with its answers, in record order, without reading an image."""
+    return [q for _, questions in self._records for q in questions]
+
   def __getitem__(self, index):
     image_id, questions = self._records[index]
     path = self.files.get(image_id)
