@@ -118,12 +118,11 @@ def test_tokenizer_learns_the_questions(tokenizer_path):
   assert tok.unk_id not in ids
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
-def test_one_and_eight_devices_give_the_same_losses(style, shapes_data_dir, tokenizer_path):
+def test_one_and_eight_devices_give_the_same_losses(shapes_data_dir, tokenizer_path):
+  # Llama-style with grouped-query attention: the kv_heads axis is the one GPT-2 blocks lack.
   cfg = tiny_config("prefixlm", shapes_data_dir, tokenizer_path, optim__lr=3e-3,
-                    schedule__warmup_steps=0, model__lm__style=style)
-  if style == "llama":
-    cfg.model.lm.num_kv_heads = 1
+                    schedule__warmup_steps=0, model__lm__style="llama")
+  cfg.model.lm.num_kv_heads = 1
   field_ops = tasks.get(cfg.task).train_ops(cfg, tok_lib.Tokenizer.load(tokenizer_path))
   it = pipeline.make_train_iterator(cfg.data, field_ops, batch_size=cfg.batch_size)
   batches = [next(it) for _ in range(2)]
