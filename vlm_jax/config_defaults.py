@@ -73,6 +73,7 @@ def data_config() -> ml_collections.ConfigDict:
   pipeline gets the per-process share."""
   c = ml_collections.ConfigDict()
   c.source = "tfds"              # 'tfds' | 'wds' (tar shards) | 'jsonl' | 'imagefolder' | 'vqav2'
+                                 # | 'text' (a text corpus, no images: text-only tasks)
   # TFDS: dataset name (with config/version), data_dir, splits, reader.
   c.name = "shapes/tiny"         # e.g. 'shapes/demo', 'coco_captions', 'cifar10'
   c.data_dir = placeholder(str)  # None: shapes in the vlm_jax cache ($VLM_JAX_CACHE), others in TFDS's default
@@ -102,6 +103,9 @@ def data_config() -> ml_collections.ConfigDict:
   c.eval_vqa_questions = placeholder(str)
   c.eval_vqa_annotations = placeholder(str)
   c.eval_vqa_images = placeholder(str)
+  # A plain text corpus (UTF-8, one document a line), for tasks that read no images.
+  c.train_text = placeholder(str)
+  c.eval_text = placeholder(str)
   # ImageFolder: root/<class_name>/<images>, classes in sorted folder order.
   c.train_folder = placeholder(str)
   c.eval_folder = placeholder(str)

@@ -161,7 +161,11 @@ def _data_problems_static(config) -> list:
                     "data_source or as_dataset")
   if not 0 < d.min_scale <= d.max_scale <= 1:
     problems.append(f"data.min_scale / max_scale: need 0 < {d.min_scale} <= {d.max_scale} <= 1")
-  if d.image_size != config.model.image.image_size:
+  reads_images = tasks_lib.get(config.task).reads_images   # (a text-only task decodes none)
+  if reads_images and d.source == "text":
+    problems.append(f"data.source: 'text' is a corpus without images; task {config.task!r} "
+                    "reads images")
+  elif reads_images and d.image_size != config.model.image.image_size:
     problems.append(f"data.image_size: {d.image_size} != model.image.image_size="
                     f"{config.model.image.image_size} (the pipeline makes the images the model "
                     "reads)")
@@ -184,7 +188,8 @@ def _path_problems(d, split) -> list:
       elif not epath.Path(value).exists():
         problems.append(f"data.{split}_vqa_{f}: {value!r} does not exist")
     return problems
-  field = {"wds": "shards", "jsonl": "jsonl", "imagefolder": "folder"}.get(d.source)
+  field = {"wds": "shards", "jsonl": "jsonl", "imagefolder": "folder",
+           "text": "text"}.get(d.source)
   if field is None:
     return []
   name = f"data.{split}_{field}"

@@ -214,9 +214,10 @@ def make_train_data(runtime: Runtime, tokenizer, source, data_state=None):
     cli.ensure_flags_parsed()     # grain's worker processes read absl flags
   it = pipeline.make_train_iterator(
       config.data, field_ops, batch_size=config.batch_size // jax.process_count(),
-      process_index=jax.process_index(), process_count=jax.process_count(), source=source)
+      process_index=jax.process_index(), process_count=jax.process_count(), source=source,
+      images=runtime.task.reads_images)
   if data_state is not None:
     it.set_state(data_state)
-  fields = ["image"] + [f for op in field_ops for f in op.provides]
+  fields = ["image"] * runtime.task.reads_images + [f for op in field_ops for f in op.provides]
   put = lambda b: sharding.make_global_batch({f: b[f] for f in fields}, runtime.mesh)
   return prefetch.DevicePrefetcher(it, put, size=config.data.prefetch)

@@ -116,8 +116,8 @@ class Preprocess:
   """raw example -> normalised image + the field ops' values (or a skip marker); `collate`
   stacks a batch. Picklable, for grain worker processes."""
 
-  def __init__(self, data_config, field_ops, train):
-    self.train = train
+  def __init__(self, data_config, field_ops, train, images: bool = True):
+    self.train, self.images = train, images
     self.ops = list(field_ops)
     self.size = int(data_config.image_size)
     self.mean = np.asarray(data_config.mean, np.float32).reshape(1, 1, 3)
@@ -163,7 +163,9 @@ class Preprocess:
 
   def template(self):
     """A padding example (mask=False) with this preprocessing's shapes and dtypes."""
-    out = {"image": np.zeros((self.size, self.size, 3), np.float32), "mask": np.bool_(False)}
+    out = {"mask": np.bool_(False)}
+    if self.images:
+      out["image"] = np.zeros((self.size, self.size, 3), np.float32)
     for op in self.ops:
       out.update(op.padding())
     return out
@@ -173,7 +175,9 @@ class Preprocess:
     if raw.get("error"):
       return {"_skip": raw["error"], "_key": key, "_lost": int(raw.get("lost", 0))}
     try:
-      out = {"image": self._image(raw["image"], rng), "mask": np.bool_(True)}
+      out = {"mask": np.bool_(True)}
+      if self.images:
+        out["image"] = self._image(raw["image"], rng)
       for op in self.ops:
         out.update(op(raw, rng, self.train))
     except BadExample as e:
@@ -182,7 +186,8 @@ class Preprocess:
 
   def collate(self, examples):
     """Stacks examples into a batch; each op collates its own fields."""
-    batch = {k: np.stack([e[k] for e in examples]) for k in ("image", "mask")}
+    batch = {k: np.stack([e[k] for e in examples])
+             for k in (("image", "mask") if self.images else ("mask",))}
     for op in self.ops:
       batch.update(op.collate(examples))
     return batch
@@ -483,7 +488,7 @@ def _check_share(batch_size, process_index, process_count):
 
 
 def make_train_iterator(data_config, field_ops, *, batch_size, process_index=0, process_count=1,
-                        source=None):
+                        source=None, images=True):
   """Endless (or data.num_epochs) shuffled, augmented per-process batches.
 
   Args:
@@ -492,6 +497,7 @@ def make_train_iterator(data_config, field_ops, *, batch_size, process_index=0, 
     batch_size: this process's batch size (the global batch / process count).
     process_index, process_count: this process's share.
     source: a prebuilt source (default: sources.make_source(data_config, 'train')).
+    images: False for a task that reads text alone: no image is decoded or batched.
 
   Every process reads a disjoint share: for random-access sources, global positions
   process_index, process_index + process_count, ... of the epoch-wise shuffled order (an epoch is
@@ -501,7 +507,7 @@ def make_train_iterator(data_config, field_ops, *, batch_size, process_index=0, 
   _check_share(batch_size, process_index, process_count)
   data, pi, pc = data_config, process_index, process_count
   source = source if source is not None else sources_lib.make_source(data, "train")
-  preprocess = Preprocess(data, field_ops, train=True)
+  preprocess = Preprocess(data, field_ops, train=True, images=images)
   seed = int(data.shuffle_seed)
   if getattr(source, "random_access", False):
     if len(source) < pc:
@@ -518,7 +524,7 @@ def make_train_iterator(data_config, field_ops, *, batch_size, process_index=0, 
 
 
 def make_eval_iterator(data_config, field_ops, *, batch_size, process_index=0, process_count=1,
-                       source=None):
+                       source=None, images=True):
   """One pass over this process's share of the eval split, in order, no augmentation.
 
   Every process yields the same number of batches (ceil(largest share / batch_size)); the tail
@@ -528,7 +534,7 @@ def make_eval_iterator(data_config, field_ops, *, batch_size, process_index=0, p
   _check_share(batch_size, process_index, process_count)
   data, pi, pc = data_config, process_index, process_count
   source = source if source is not None else sources_lib.make_source(data, "eval")
-  preprocess = Preprocess(data, field_ops, train=False)
+  preprocess = Preprocess(data, field_ops, train=False, images=images)
   if getattr(source, "random_access", False):
     n = len(source)
     shares = [sources_lib.even_share(n, p, pc, drop_remainder=False) for p in range(pc)]

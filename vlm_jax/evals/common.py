@@ -275,7 +275,8 @@ def iterate_batches(ctx: EvalContext, data_config, field_ops, batch_size: int, *
   bs = ctx.global_batch_size(batch_size)
   it = pipeline.make_eval_iterator(
       data_config, field_ops, batch_size=bs // jax.process_count(),
-      process_index=jax.process_index(), process_count=jax.process_count(), source=source)
+      process_index=jax.process_index(), process_count=jax.process_count(), source=source,
+      images=ctx.task.reads_images)
   bar = console.bar(total=it.num_batches, desc=who, unit="batch", leave=False,
                     enabled=bool(ctx.config.get("progress_bar", True)))
   try:

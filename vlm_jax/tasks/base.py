@@ -105,6 +105,7 @@ class Task:
   description: str = ""
   default_evals: str = ""                      # evals.run of a config that does not set it
   towers: Mapping[str, tuple] = {}             # model section -> (tower kind, default name)
+  reads_images: bool = True                    # False: batches carry no image (text alone)
 
   # ---- config ------------------------------------------------------------------------------------
   def model_config(self, tower_names: Optional[Mapping[str, str]] = None
@@ -172,6 +173,9 @@ class Task:
 
   def init_batch(self, config, batch_size: int = 1) -> dict:
     """A batch of zeros with the shapes the model is initialised on."""
+    if not self.reads_images:
+      spec = self.text_spec(config)
+      return {"text": jnp.zeros((batch_size, spec.context_length), jnp.int32)}
     size = int(config.model.image.image_size)
     batch = {"image": jnp.zeros((batch_size, size, size, 3), jnp.float32)}
     spec = self.text_spec(config)

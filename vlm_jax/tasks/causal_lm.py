@@ -23,6 +23,7 @@ class CausalLMTask(base.Task):
   name = "causal_lm"
   description = "a decoder-only LM on text alone (GPT-2 / Llama-style)"
   default_evals = ""
+  reads_images = False
   towers = {"lm": ("lm", "decoder_only")}
 
   def head_config(self):
@@ -56,9 +57,6 @@ class CausalLMTask(base.Task):
     return lm_lib.TextLM(lm=models.build_tower(
         "lm", m.lm, "model.lm", vocab_size=int(m.lm.vocab_size),
         max_length=int(m.lm.get("max_length") or m.context_length), **models.common_kwargs(m)))
-
-  def init_batch(self, config, batch_size: int = 1):
-    return {"text": jnp.zeros((batch_size, self.text_spec(config).context_length), jnp.int32)}
 
   def model_args(self, batch):
     return (batch["text"],)

@@ -29,12 +29,13 @@ Two kinds of sources, because the storage formats allow different things:
 from vlm_jax.data.sources.common import CAPTIONS, LABEL, QUESTIONS, DataLacks, even_share
 from vlm_jax.data.sources.imagefolder import ImageFolderSource
 from vlm_jax.data.sources.jsonl import JsonlSource
+from vlm_jax.data.sources.text import TextSource
 from vlm_jax.data.sources.tfds import FieldMap, TfdsSource
 from vlm_jax.data.sources.vqav2 import Vqav2Source
 from vlm_jax.data.sources.wds import (WdsSource, expand_braces, index_shard, list_shards,
                                       read_tar_sample)
 
-KINDS = ("tfds", "wds", "jsonl", "imagefolder", "vqav2")
+KINDS = ("tfds", "wds", "jsonl", "imagefolder", "vqav2", "text")
 
 
 def make_source(data_config, split_name):
@@ -68,6 +69,9 @@ def make_source(data_config, split_name):
       raise ValueError(f"data.{split_name}_vqa_questions / data.{split_name}_vqa_images: the "
                        "VQAv2 questions JSON and image folder must be given")
     return Vqav2Source(get("questions"), get("annotations"), get("images"), field=split_name)
+  if kind == "text":
+    field = f"data.{split_name}_text"
+    return TextSource(data_config.get(f"{split_name}_text"), field=field)
   raise ValueError(f"data.source: unknown source {kind!r}; expected one of {', '.join(KINDS)}")
 
 
@@ -105,5 +109,5 @@ def check_fields(source, field_ops, who: str):
 
 
 __all__ = ["make_source", "captions", "check_fields", "KINDS", "CAPTIONS", "LABEL", "QUESTIONS", "DataLacks", "even_share", "FieldMap",
-           "TfdsSource", "Vqav2Source", "JsonlSource", "WdsSource", "ImageFolderSource", "expand_braces",
+           "TfdsSource", "Vqav2Source", "JsonlSource", "TextSource", "WdsSource", "ImageFolderSource", "expand_braces",
            "index_shard", "list_shards", "read_tar_sample"]
