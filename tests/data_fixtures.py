@@ -1,5 +1,5 @@
 """Shared data fixtures: the tiny `shapes` dataset prepared once, and a tokenizer trained on its
-captions. Registered for all tests with `pytest_plugins = ["data_fixtures"]` in conftest.py.
+captions. Test modules import the fixtures they use from here.
 
 Both live at fixed paths under pytest's base temp directory (shared by pytest-xdist workers), and
 both builders are idempotent and file-locked, so however many tests, modules or workers ask for

@@ -57,8 +57,8 @@ def test_config_typo_names_the_key():
 
 
 CONFIGS = ["shapes_coca", "shapes_clip", "shapes_siglip", "shapes_captioning", "shapes_classify",
-           "shapes_prefixlm", "clip_vit_b16", "siglip_vit_b16", "coca_vit_b32", "bench_cpu_clip",
-           "bench_vit_b16_clip"]
+           "shapes_prefixlm", "shapes_bert_mlm", "clip_vit_b16", "siglip_vit_b16", "coca_vit_b32",
+           "bench_cpu_clip", "bench_vit_b16_clip"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

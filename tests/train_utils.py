@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TOWER = {"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
 TOWERS = {"clip": ("image", "text"), "siglip": ("image", "text"),
           "coca": ("image", "text", "decoder"), "captioning": ("image", "decoder"),
-          "classify": ("image",), "prefixlm": ("image", "lm")}
+          "classify": ("image",), "prefixlm": ("image", "lm"), "bert_mlm": ("text",)}
 TRAINER = {"batch_size": 16, "evals.run": "", "progress_bar": False,
            "async_checkpointing": False}
 
@@ -24,7 +24,7 @@ TRAINER = {"batch_size": 16, "evals.run": "", "progress_bar": False,
 def tiny_overrides(data_dir, tokenizer_path=None, kind="coca", **extra):
   """Overrides of configs/shapes_<kind>.py:tiny for a tiny model on `data_dir`."""
   o = {f"model.{tower}.{k}": v for tower in TOWERS[kind] for k, v in _TOWER.items()}
-  if "text" in TOWERS[kind]:
+  if "text" in TOWERS[kind] and "image" in TOWERS[kind]:
     o["model.embed_dim"] = 32
   o.update(TRAINER)
   o["data.data_dir"] = data_dir

@@ -2,6 +2,7 @@ r"""The CPU demo: prepare the embedded shapes data, train a tiny CoCa, evaluate,
 
   python -m vlm_jax.demo --workdir runs/shapes_coca [--config.total_steps=...]
   python -m vlm_jax.demo --config configs/shapes_prefixlm.py     # prefix-LM captioning + VQA
+  python -m vlm_jax.demo --config configs/shapes_bert_mlm.py     # BERT masked-LM
 
 The workdir defaults to runs/<config file name>. The figures checked against targets depend on
 the task (`TARGETS`).
@@ -30,6 +31,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<c
 TARGETS = {
     "coca": {"zeroshot/shapes/top1": 0.90, "caption/shapes/cider": 1.0},
     "prefix_lm": {"vqa/shapes/accuracy": 0.85, "caption/shapes/cider": 1.0},
+    "masked_lm": {"masked_lm/shapes/accuracy": 0.6},
 }
 
 

@@ -198,6 +198,27 @@ class Model:
                        f"{token_ids.shape}")
     return self._ctx.predict_rows("logits", {"text": token_ids.astype(np.int32)}, batch_size)
 
+  def mlm_logits(self, token_ids, batch_size: Optional[int] = None) -> np.ndarray:
+    """Masked-LM logits float32 [N, L, vocab] of int token ids [N, L] (a masked_lm model, e.g.
+    an imported BertForMaskedLM): position t scores the token at t (put the mask id there)."""
+    return self._ctx.predict_rows("mlm_logits", {"text": self._token_ids(token_ids, "mlm_logits")},
+                                  batch_size)
+
+  def text_features(self, token_ids, batch_size: Optional[int] = None) -> np.ndarray:
+    """The text encoder's pooled features [N, W] of int token ids [N, L] (BERT: the [CLS]
+    state, through the pooler when the model has one)."""
+    return self._ctx.predict_rows("text_features",
+                                  {"text": self._token_ids(token_ids, "text_features")},
+                                  batch_size)
+
+  @staticmethod
+  def _token_ids(token_ids, who: str) -> np.ndarray:
+    token_ids = np.asarray(token_ids)
+    if token_ids.ndim != 2 or not np.issubdtype(token_ids.dtype, np.integer):
+      raise ValueError(f"{who}: expected int token ids [N, L], got {token_ids.dtype} "
+                       f"{token_ids.shape}")
+    return token_ids.astype(np.int32)
+
   def answer(self, images, questions: Sequence[str], max_len: int = 8, beam: int = 1,
              batch_size: Optional[int] = None) -> list:
     """Answers to visual questions, one question per image (repeat an image to ask it several):

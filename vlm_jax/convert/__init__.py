@@ -21,7 +21,7 @@ import os
 
 import json
 
-from vlm_jax.convert import big_vision, configs, hf, hf_lm, hf_vit, openclip
+from vlm_jax.convert import big_vision, configs, hf, hf_bert, hf_lm, hf_vit, openclip
 from vlm_jax.convert.common import (ConversionError, check_out_dir, read_checkpoint,
                                     write_output)
 from vlm_jax.convert.configs import NAMED_MODELS, ClipArch
@@ -90,6 +90,8 @@ def convert_checkpoint(fmt: str, checkpoint: str, out: str, *, model: str | None
     return _convert_lm(*hf_config, checkpoint, out, tokenizer)
   if hf_config is not None and hf_vit.is_vit_config(hf_config[0]):
     return _convert_vit(*hf_config, checkpoint, out)
+  if hf_config is not None and hf_bert.is_bert_config(hf_config[0]):
+    return _convert_bert(*hf_config, checkpoint, out, tokenizer)
   if fmt == "big_vision" and not model:
     # Prepared once here (its own convert's prepare is then a no-op over plain names).
     state = big_vision.prepare(read_checkpoint(checkpoint), source)
@@ -130,7 +132,8 @@ def _hf_model_config(fmt: str, checkpoint: str, model: str | None):
       d = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError):
     return None       # resolve_arch reports an unreadable file
-  if isinstance(d, dict) and (hf_lm.is_lm_config(d) or hf_vit.is_vit_config(d)):
+  if isinstance(d, dict) and (hf_lm.is_lm_config(d) or hf_vit.is_vit_config(d)
+                              or hf_bert.is_bert_config(d)):
     return d, path
   return None
 
@@ -152,6 +155,38 @@ def _convert_vit(d: dict, model_path: str, checkpoint: str, out: str) -> str:
             "left_out": dropped and ["the pooler (Dense + tanh over the class token): "
                                      + ", ".join(dropped)]}
   return write_output(out, params, config, report=report)
+
+
+def _convert_bert(d: dict, model_path: str, checkpoint: str, out: str,
+                  tokenizer: str | None) -> str:
+  """A Hugging Face BertModel / BertForMaskedLM -> a masked_lm workdir."""
+  source = os.path.basename(checkpoint)
+  fields = hf_bert.fields(d, model_path)
+  kind, tok_path = find_tokenizer("hf", checkpoint, tokenizer, "bert")
+  tok = None
+  if kind:
+    from vlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+    try:
+      tok = tokenizers.read(kind, tok_path)
+    except (FileNotFoundError, ValueError) as e:
+      raise ConversionError(f"convert: tokenizer {tok_path}: {e}") from e
+    if tok.vocab_size != fields["vocab_size"]:
+      raise ConversionError(f"convert: the vocabulary {tok_path} has {tok.vocab_size} tokens but "
+                            f"the checkpoint's word embedding has {fields['vocab_size']} rows "
+                            f"({model_path}: vocab_size); they must match. Nothing was written")
+  state = read_checkpoint(checkpoint)
+  params, pooler, head = hf_bert.convert(state, fields, source=source, model=model_path)
+  if not head:
+    params.update(hf_bert.fresh_head(fields["width"], fields["vocab_size"]))
+  config = hf_bert.to_config(fields, pooler)
+  check_against_model(params, config)
+  report = {"format": "hf", "checkpoint": os.path.abspath(checkpoint), "model": model_path,
+            "arch": fields, "tensors": len(state), "pooler": pooler,
+            "mlm_head": "converted" if head else "none in the checkpoint: freshly initialised",
+            "tokenizer": {"kind": kind, "from": os.path.abspath(tok_path)} if kind else None}
+  from vlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  return write_output(out, params, config, report=report,
+                      tokenizer_bytes=tokenizers.to_bytes(tok) if tok is not None else None)
 
 
 def _convert_lm(d: dict, model_path: str, checkpoint: str, out: str,
@@ -185,7 +220,7 @@ def _convert_lm(d: dict, model_path: str, checkpoint: str, out: str,
 
 
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-HF_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+HF_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",))
 
 
 def installed_clip_bpe() -> str | None:
@@ -227,10 +262,10 @@ def find_tokenizer(fmt: str, checkpoint: str, tokenizer: str | None = None,
   elif fmt == "hf" and any(os.path.isfile(os.path.join(folder, f)) for f in SENTENCEPIECE_FILES):
     tokenizer = next(os.path.join(folder, f) for f in SENTENCEPIECE_FILES
                      if os.path.isfile(os.path.join(folder, f)))
-  elif family == "lm":
+  elif family in ("lm", "bert"):
     raise ConversionError(
-        "convert: no tokenizer beside the language model (tokenizer.json, vocab.json + "
-        "merges.txt, or tokenizer.model); pass --tokenizer, or --tokenizer none for the weights "
+        "convert: no tokenizer beside the model (tokenizer.json, vocab.json + merges.txt, "
+        "vocab.txt or tokenizer.model); pass --tokenizer, or --tokenizer none for the weights "
         "alone. Nothing was written")
   elif family == "siglip":
     raise ConversionError(

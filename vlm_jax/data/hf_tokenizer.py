@@ -117,6 +117,11 @@ class HFTokenizer:
     return (f"HFTokenizer(vocab_size={self.vocab_size}, pad={self.pad_id}, bos={self.bos_id}, "
             f"eos={self.eos_id})")
 
+  def token_to_id(self, token: str):
+    """The id of the special token or piece `token`, or None."""
+    i = self._tok.token_to_id(token)
+    return None if i is None else int(i)
+
   def tokenize(self, texts) -> list:
     """Ragged ids without special tokens."""
     texts = [texts] if isinstance(texts, (str, bytes)) else list(texts)

@@ -18,6 +18,8 @@ can run them.
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 from vlm_jax.data.sources.common import CAPTIONS, LABEL
@@ -284,3 +286,106 @@ class Questions:
         out[i, j], cut[i, j], mask[i, j], ids[i, j] = row, c, True, qid
     return {"questions": out, "questions_mask": mask, "question_ids": ids,
             "questions_truncated": cut}
+
+
+MASK_TOKENS = ("[MASK]", "<mask>")
+
+
+def mask_token_id(tokenizer, model_vocab_size: int, field: str = "model.text.vocab_size") -> int:
+  """The id that stands for a masked token: the tokenizer's own [MASK] / <mask> token, else the
+  first id past the tokenizer's vocabulary (a tokenizer trained here has none), which the
+  model's vocabulary must then include."""
+  lookup = getattr(tokenizer, "token_to_id", None)
+  for name in MASK_TOKENS:
+    i = lookup(name) if lookup is not None else None
+    if i is not None:
+      return int(i)
+  mask_id = int(tokenizer.vocab_size)
+  if mask_id >= int(model_vocab_size):
+    raise ValueError(f"{field}: the tokenizer has no mask token ({', '.join(MASK_TOKENS)}), so "
+                     f"masked tokens take id {mask_id}, one past its {tokenizer.vocab_size} ids; "
+                     f"the model's vocabulary ({model_vocab_size}) must be at least "
+                     f"{mask_id + 1}")
+  return mask_id
+
+
+def mask_tokens(row: np.ndarray, rng: np.random.Generator, *, special, mask_id: int,
+                random_ids: int, rate: float, mask_frac: float = 0.8, random_frac: float = 0.1):
+  """BERT's corruption of one row of ids: each token that is not special is chosen with
+  probability `rate` (at least one when the row has any); of the chosen, `mask_frac` become
+  `mask_id`, `random_frac` a random id in [0, random_ids), the rest stay. Returns (corrupted row,
+  bool [L] chosen)."""
+  candidates = ~np.isin(row, list(special))
+  chosen = candidates & (rng.random(row.shape) < rate)
+  if candidates.any() and not chosen.any():
+    chosen[rng.choice(np.flatnonzero(candidates))] = True
+  how = rng.random(row.shape)
+  out = row.copy()
+  out[chosen & (how < mask_frac)] = mask_id
+  swap = chosen & (how >= mask_frac) & (how < mask_frac + random_frac)
+  out[swap] = rng.integers(0, random_ids, size=int(swap.sum()))
+  return out, chosen
+
+
+DOCUMENTS = ("caption", "all_captions")
+
+
+class MaskedTokens:
+  """Masked-language-model fields of one caption (or one document of a text corpus):
+
+    text        int32 [L]  the corrupted ids the encoder reads (`bos ... eos pad`)
+    mlm_target  int32 [L]  the original ids
+    mlm_mask    bool [L]   the positions the loss predicts
+
+  `document` says what one row holds: 'caption' (training draws one of the example's captions,
+  evaluation takes the first) or 'all_captions' (the example's captions joined into one
+  document, in a random order in training, in stored order in evaluation: a masked word may then
+  be read off another sentence about the same image, as BERT reads multi-sentence documents).
+  The corruption comes from the example's own rng in training (a resumed run repeats it) and from
+  an rng seeded by the text in evaluation, so every evaluation of a split masks the same
+  positions.
+  """
+  requires = (CAPTIONS,)
+  provides = ("text", "mlm_target", "mlm_mask")
+
+  def __init__(self, tokenizer, length: int, mask_id: int, rate: float = 0.15,
+               mask_frac: float = 0.8, random_frac: float = 0.1, document: str = "caption"):
+    if document not in DOCUMENTS:
+      raise ValueError(f"document: unknown {document!r}; expected one of {', '.join(DOCUMENTS)}")
+    self.document = document
+    if not 0 < rate <= 1 or mask_frac < 0 or random_frac < 0 or mask_frac + random_frac > 1:
+      raise ValueError(f"loss.mask_rate / mask_frac / random_frac: need 0 < rate <= 1 and "
+                       f"fractions >= 0 summing to <= 1, got {rate} / {mask_frac} / "
+                       f"{random_frac}")
+    self.tokenizer, self.length, self.mask_id = tokenizer, int(length), int(mask_id)
+    self.rate, self.mask_frac, self.random_frac = float(rate), float(mask_frac), float(random_frac)
+
+  def __call__(self, raw, rng, train):
+    captions = clean_captions(raw.get("captions"))
+    if self.document == "all_captions":
+      order = rng.permutation(len(captions)) if train else range(len(captions))
+      caption = " ".join(captions[i] for i in order)
+    else:
+      caption = captions[int(rng.integers(len(captions)))] if train else captions[0]
+    seed = int(rng.integers(2**63)) if train else zlib.crc32(caption.encode("utf-8"))
+    return {"_mlm_text": caption, "_mlm_seed": seed}
+
+  def padding(self):
+    return {"_mlm_text": None, "_mlm_seed": 0}
+
+  def collate(self, examples):
+    tok = self.tokenizer
+    n = len(examples)
+    text = np.full((n, self.length), tok.pad_id, np.int32)
+    target = text.copy()
+    chosen = np.zeros((n, self.length), bool)
+    rows = [i for i, e in enumerate(examples) if e["_mlm_text"] is not None]
+    if rows:
+      target[rows] = tok.encode([examples[i]["_mlm_text"] for i in rows], self.length)
+    special = {tok.pad_id, tok.bos_id, tok.eos_id}
+    for i in rows:
+      text[i], chosen[i] = mask_tokens(
+          target[i], np.random.default_rng(examples[i]["_mlm_seed"]), special=special,
+          mask_id=self.mask_id, random_ids=int(tok.vocab_size), rate=self.rate,
+          mask_frac=self.mask_frac, random_frac=self.random_frac)
+    return {"text": text, "mlm_target": target, "mlm_mask": chosen}

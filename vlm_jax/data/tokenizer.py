@@ -128,6 +128,11 @@ class Tokenizer:
     return (f"Tokenizer(vocab_size={self.vocab_size}, pad={self.pad_id}, bos={self.bos_id}, "
             f"eos={self.eos_id}, unk={self.unk_id})")
 
+  def token_to_id(self, token: str):
+    """The id of the piece `token`, or None when the model has no such piece."""
+    i = int(self._sp.piece_to_id(token))
+    return None if i == self._sp.unk_id() and token != self._sp.id_to_piece(i) else i
+
   def tokenize(self, texts):
     """Ragged ids without special tokens (a list of lists of int)."""
     return self._sp.encode(_as_texts(texts), out_type=int)

@@ -11,6 +11,7 @@ predict functions (`ctx.predict_fn(name)`, see `vlm_jax.evals.common.EvalContext
   classification  classify                       classification/<ds>/{top1, top5, ...}
   linear_probe    image_features                 linear_probe/<ds>/{top1, l2}
   vqa             answer                         vqa/<ds>/{accuracy, accuracy_<answer type>}
+  masked_lm       mlm_logits                     masked_lm/<ds>/{accuracy, loss, num_masked}
 
 `config.evals` holds named entries (`evals_config`); `evals.run` picks which run
 (comma-separated), or is 'auto' (the default): the task's own evaluations (`Task.default_evals`)
@@ -30,6 +31,7 @@ from vlm_jax.evals import captioning
 from vlm_jax.evals import classification
 from vlm_jax.evals import common
 from vlm_jax.evals import linear_probe
+from vlm_jax.evals import masked_lm
 from vlm_jax.evals import retrieval
 from vlm_jax.evals import vqa
 from vlm_jax.evals import zeroshot
@@ -41,6 +43,7 @@ EVALUATORS = {
     "classification": classification,
     "linear_probe": linear_probe,
     "vqa": vqa,
+    "masked_lm": masked_lm,
 }
 
 
@@ -134,4 +137,4 @@ def run_evals(ctx: common.EvalContext, step: Optional[int] = None) -> Dict[str, 
 EvalContext = common.EvalContext
 
 __all__ = ["run_evals", "entries", "entry_config", "evals_config", "EVALUATORS", "EvalContext",
-           "captioning", "classification", "common", "linear_probe", "retrieval", "vqa", "zeroshot"]
+           "captioning", "classification", "common", "linear_probe", "masked_lm", "retrieval", "vqa", "zeroshot"]

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlm_jax.models import bert
 from vlm_jax.models import decoder
 from vlm_jax.models import layers
 from vlm_jax.models import lm
@@ -34,7 +35,7 @@ from vlm_jax.models.two_tower import TwoTower
 # model.decoder); the name is the section's `name` field.
 TOWERS = {
     "image": {"vit": vit},
-    "text": {"transformer": text},
+    "text": {"transformer": text, "bert": bert},
     "decoder": {"cross_attention": decoder},
     "lm": {"decoder_only": lm},
 }
@@ -102,4 +103,4 @@ def common_kwargs(model_config) -> dict:
 
 __all__ = ["TOWERS", "tower_module", "tower_config", "build_tower", "shared_config",
            "resolve_dtype", "common_kwargs", "init_cache", "CoCa", "TwoTower", "Captioner",
-           "Classifier", "PrefixLM", "Projector", "vit", "text", "decoder", "lm"]
+           "Classifier", "PrefixLM", "Projector", "vit", "text", "bert", "decoder", "lm"]

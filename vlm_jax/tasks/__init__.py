@@ -7,6 +7,7 @@
     prefix_lm       image tokens as the prefix of an LM  image, text, prompt_len, target_mask
                     (captioning + VQA)
     causal_lm       a decoder-only LM on text alone      text
+    masked_lm       BERT masked-LM of a text encoder     text, mlm_target, mlm_mask
 
 `config.task` names the task; `get(name)` returns it. A new objective is a module here with a
 `TASK` object (a `base.Task` subclass instance), one line in `TASKS`, and a config file.
@@ -15,13 +16,14 @@ from vlm_jax.tasks import captioning
 from vlm_jax.tasks import causal_lm
 from vlm_jax.tasks import classification
 from vlm_jax.tasks import coca
+from vlm_jax.tasks import masked_lm
 from vlm_jax.tasks import contrastive
 from vlm_jax.tasks import prefix_lm
 from vlm_jax.tasks.base import Objective, Task, TextSpec
 
 TASKS = {t.name: t for t in (contrastive.TASK, coca.TASK, captioning.TASK,
                              classification.TASK, prefix_lm.TASK,
-                             causal_lm.TASK)}
+                             causal_lm.TASK, masked_lm.TASK)}
 
 
 def get(name) -> Task:
