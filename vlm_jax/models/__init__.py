@@ -23,6 +23,7 @@ from vlm_jax.models import bert
 from vlm_jax.models import decoder
 from vlm_jax.models import layers
 from vlm_jax.models import lm
+from vlm_jax.models import lstm
 from vlm_jax.models import text
 from vlm_jax.models import vit
 from vlm_jax.models.captioner import Captioner
@@ -36,7 +37,7 @@ from vlm_jax.models.two_tower import TwoTower
 TOWERS = {
     "image": {"vit": vit},
     "text": {"transformer": text, "bert": bert},
-    "decoder": {"cross_attention": decoder},
+    "decoder": {"cross_attention": decoder, "lstm": lstm},
     "lm": {"decoder_only": lm},
 }
 
@@ -103,4 +104,4 @@ def common_kwargs(model_config) -> dict:
 
 __all__ = ["TOWERS", "tower_module", "tower_config", "build_tower", "shared_config",
            "resolve_dtype", "common_kwargs", "init_cache", "CoCa", "TwoTower", "Captioner",
-           "Classifier", "PrefixLM", "Projector", "vit", "text", "bert", "decoder", "lm"]
+           "Classifier", "PrefixLM", "Projector", "vit", "text", "bert", "decoder", "lstm", "lm"]
