@@ -57,7 +57,8 @@ def test_config_typo_names_the_key():
 
 
 CONFIGS = ["shapes_coca", "shapes_clip", "shapes_siglip", "shapes_captioning", "shapes_classify",
-           "shapes_prefixlm", "shapes_bert_mlm", "clip_vit_b16", "siglip_vit_b16", "coca_vit_b32",
+           "shapes_prefixlm", "shapes_bert_mlm", "shapes_lstm_caption", "shapes_fusion_vqa",
+           "clip_vit_b16", "siglip_vit_b16", "coca_vit_b32",
            "bench_cpu_clip", "bench_vit_b16_clip"]
 
 
@@ -72,6 +73,8 @@ def test_configs_load_and_build(name):
     assert spec.vocab_size >= cfg.tokenizer.vocab_size
   if name == "shapes_classify":
     cfg.model.num_classes = 20     # the trainer takes it from the data
+  if name == "shapes_fusion_vqa":
+    cfg.model.answers = "yes|no|red"   # the trainer takes them from the data
   assert task.train_flops_per_example(cfg) > 0
   model = task.build_model(cfg)
   abstract = jax.eval_shape(lambda: task.init_params(model, cfg, jax.random.key(0)))

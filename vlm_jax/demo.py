@@ -32,6 +32,8 @@ TARGETS = {
     "coca": {"zeroshot/shapes/top1": 0.90, "caption/shapes/cider": 1.0},
     "prefix_lm": {"vqa/shapes/accuracy": 0.85, "caption/shapes/cider": 1.0},
     "masked_lm": {"masked_lm/shapes/accuracy": 0.6},
+    "captioning": {"caption/shapes/cider": 1.0},
+    "vqa_classifier": {"vqa/shapes/accuracy": 0.7},
 }
 
 

@@ -242,7 +242,8 @@ def eval_problems(config, task_name: str) -> list:
     module = evals.EVALUATORS[entry.kind]
     needed = (module.predict_fns(entry) if callable(getattr(module, "predict_fns", None))
               else module.PREDICT_FNS)
-    missing = [f for f in needed if f not in offered]
+    # 'a|b': either predict function serves.
+    missing = [f for f in needed if not set(f.split("|")) & offered]
     if missing:
       problems.append(f"evals.{name}: a {entry.kind} evaluation calls {', '.join(missing)}, "
                       f"which task {task.name!r} does not provide (it provides: "

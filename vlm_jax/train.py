@@ -117,7 +117,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
   source, problems = preflight.open_train_source(config)
   preflight.raise_problems(problems + preflight.eval_data_problems(config))
   task = tasks.get(config.task)
-  task.finalize(config, source.class_names())
+  task.finalize(config, source)
   return source, runtime_lib.load_tokenizer(config, workdir, source)
 
 

@@ -255,12 +255,16 @@ class Questions:
     question_ids     int32 [Q]     their ids (-1 for none), to match the annotations
     questions_truncated  bool [Q]  the question was longer than P and its end was cut
                                    (counted by the evaluator)
+
+  With `encoded`, the questions are instead encoded as every text a text encoder reads
+  (`bos ... eos pad`, right-padded): for models that classify the question, not continue it.
   """
   provides = ("questions", "questions_mask", "question_ids", "questions_truncated")
 
-  def __init__(self, tokenizer, length: int, max_questions: int):
+  def __init__(self, tokenizer, length: int, max_questions: int, encoded: bool = False):
     from vlm_jax.data.sources.common import QUESTIONS  # pylint: disable=g-import-not-at-top
     self.tokenizer, self.length, self.max_questions = tokenizer, int(length), int(max_questions)
+    self.encoded = encoded
     self.requires = (QUESTIONS,)
 
   def __call__(self, raw, rng, train):
@@ -280,8 +284,13 @@ class Questions:
     cut = np.zeros((n, q), bool)
     flat = [(i, j, qid, text) for i, e in enumerate(examples)
             for j, (qid, text) in enumerate(e["_questions"])]
-    if flat:
+    if flat and self.encoded:
+      texts = [t for _, _, _, t in flat]
+      rows = tok.encode(texts, p)
+      cuts = [len(ids) > p - 1 - (tok.bos_id >= 0) for ids in tok.tokenize(texts)]
+    elif flat:
       rows, cuts = left_padded(tok.tokenize([t for _, _, _, t in flat]), p, tok.pad_id)
+    if flat:
       for (i, j, qid, _), row, c in zip(flat, rows, cuts):
         out[i, j], cut[i, j], mask[i, j], ids[i, j] = row, c, True, qid
     return {"questions": out, "questions_mask": mask, "question_ids": ids,
@@ -389,3 +398,58 @@ class MaskedTokens:
           mask_id=self.mask_id, random_ids=int(tok.vocab_size), rate=self.rate,
           mask_frac=self.mask_frac, random_frac=self.random_frac)
     return {"text": text, "mlm_target": target, "mlm_mask": chosen}
+
+
+def normalize_answer(answer) -> str:
+  """An answer as the answer vocabulary stores it: stripped, lower-case, spaces collapsed."""
+  return " ".join(str(answer).lower().split())
+
+
+def answer_scores(human_answers, vocabulary_index: dict, num_classes: int) -> np.ndarray:
+  """float32 [C] soft targets of one question: each vocabulary answer scores min(#humans who
+  gave it / 3, 1) (the VQA accuracy of answering it, as the VQAv2 classifier baselines train);
+  answers outside the vocabulary add nothing."""
+  out = np.zeros((num_classes,), np.float32)
+  for a in human_answers:
+    i = vocabulary_index.get(normalize_answer(a))
+    if i is not None:
+      out[i] += 1.0 / 3.0
+  return np.minimum(out, 1.0)
+
+
+class QuestionAnswerScores:
+  """One visual question of the image and its soft answer targets (a VQA classifier):
+
+    text           int32 [L]  the question, tokenized (`bos ... eos pad`)
+    answer_scores  float32 [C]  `answer_scores` over the answer vocabulary
+
+  Training draws one of the image's questions (from the example's own rng); evaluation takes the
+  first. An image without questions is skipped and counted (`no_question`).
+  """
+  provides = ("text", "answer_scores")
+
+  def __init__(self, tokenizer, length: int, answers):
+    from vlm_jax.data.sources.common import QUESTIONS  # pylint: disable=g-import-not-at-top
+    self.tokenizer, self.length = tokenizer, int(length)
+    self.index = {normalize_answer(a): i for i, a in enumerate(answers)}
+    self.num_classes = len(answers)
+    self.requires = (QUESTIONS,)
+
+  def __call__(self, raw, rng, train):
+    questions = raw.get("questions") or []
+    if not questions:
+      raise BadExample("no_question")
+    q = questions[int(rng.integers(len(questions)))] if train else questions[0]
+    return {"_question": str(q["question"]),
+            "answer_scores": answer_scores(q.get("answers") or [], self.index, self.num_classes)}
+
+  def padding(self):
+    return {"_question": None, "answer_scores": np.zeros((self.num_classes,), np.float32)}
+
+  def collate(self, examples):
+    texts = [e["_question"] for e in examples]
+    rows = [i for i, t in enumerate(texts) if t is not None]
+    out = np.full((len(examples), self.length), self.tokenizer.pad_id, np.int32)
+    if rows:
+      out[rows] = self.tokenizer.encode([texts[i] for i in rows], self.length)
+    return {"text": out, "answer_scores": np.stack([e["answer_scores"] for e in examples])}

@@ -26,7 +26,14 @@ from vlm_jax.data import ops
 from vlm_jax.evals import common
 from vlm_jax.evals import vqa_accuracy
 
-PREDICT_FNS = ("answer",)
+# A generative model answers by generation ('answer'); a classifier picks one of its answer
+# classes ('answer_class', with the task's `answer_vocabulary`).
+PREDICT_FNS = ("answer|answer_class",)
+
+
+def _by_class(config) -> bool:
+  from vlm_jax import tasks  # pylint: disable=g-import-not-at-top  (tasks import evals)
+  return "answer_class" in tasks.get(config.task).predict_fns(config, None)
 
 
 def default_config(**fields):
@@ -42,8 +49,11 @@ def default_config(**fields):
 
 def splits(config, entry, tokenizer=None):
   """[(data config, field ops)] this evaluator reads (checked before training)."""
-  return [(common.eval_data_config(config, entry),
-           [ops.Questions(tokenizer, entry.prompt_length, entry.max_questions)])]
+  if _by_class(config):     # the question as a text encoder reads it: bos ... eos, at the start
+    op = ops.Questions(tokenizer, common.text_length(config), entry.max_questions, encoded=True)
+  else:
+    op = ops.Questions(tokenizer, entry.prompt_length, entry.max_questions)
+  return [(common.eval_data_config(config, entry), [op])]
 
 
 def check(config, entry) -> list:
@@ -52,7 +62,7 @@ def check(config, entry) -> list:
     if int(entry.get(field) or 0) < 1:
       problems.append(f"{field}: {entry.get(field)} must be >= 1")
   length = common.text_length(config)
-  if length and int(entry.max_len) > length - 1:
+  if length and int(entry.max_len) > length - 1 and not _by_class(config):
     problems.append(f"max_len: {entry.max_len} exceeds the model's context length - 1 = "
                     f"{length - 1}")
   return problems
@@ -74,29 +84,41 @@ def annotations(source) -> list:
   return out
 
 
-def evaluate(ctx: "common.EvalContext", tag: str, entry) -> Dict[str, float]:
-  who = f"evals: vqa on {tag!r}"
+def _answer_fn(ctx, entry, who):
+  """(fn(params, batch) -> {'answers': ..., ...}, texts(answers) -> strings, static key)."""
   tok = ctx.tokenizer
+  if ctx.has_predict_fn("answer_class"):
+    answer_class = ctx.predict_fn("answer_class", who)
+    vocabulary = ctx.task.answer_vocabulary(ctx.config)
+    return (lambda p, b: answer_class(p, b), lambda ids: [vocabulary[int(i)] for i in ids],
+            "vqa/class")
   answer = ctx.predict_fn("answer", who)
   if tok is None or tok.bos_id < 0:
     raise ValueError(f"{who}: needs a tokenizer with a bos token to start the answers")
   static = dict(max_len=int(entry.max_len), beam_size=int(entry.beam_size or 1),
                 bos_id=int(tok.bos_id), eos_id=int(tok.eos_id), pad_id=int(tok.pad_id))
+  return (lambda p, b: answer(p, b, **static)[0], tok.decode,
+          ("vqa", tuple(sorted(static.items()))))
+
+
+def evaluate(ctx: "common.EvalContext", tag: str, entry) -> Dict[str, float]:
+  who = f"evals: vqa on {tag!r}"
+  answer, to_texts, key = _answer_fn(ctx, entry, who)
 
   def fn(params, batch):
-    tokens, _ = answer(params, batch, **static)
-    return dict(tokens=tokens, mask=batch["mask"], qmask=batch["questions_mask"],
-                ids=batch["question_ids"], cut=batch["questions_truncated"])
+    return dict(answers=answer(params, batch), mask=batch["mask"],
+                qmask=batch["questions_mask"], ids=batch["question_ids"],
+                cut=batch["questions_truncated"])
 
-  (data, field_ops), = splits(ctx.config, entry, tok)
+  (data, field_ops), = splits(ctx.config, entry, ctx.tokenizer)
   source = common.eval_source(data, field_ops, who)
   predictions, truncated = {}, 0
   for batch in common.iterate_batches(ctx, data, field_ops,
                                       common.entry_batch_size(ctx.config, entry), who=who,
                                       source=source):
-    out = ctx.call(("vqa", tuple(sorted(static.items()))), fn, batch)
+    out = ctx.call(key, fn, batch)
     keep = out["mask"][:, None] & out["qmask"]
-    texts = tok.decode(out["tokens"][keep])
+    texts = to_texts(out["answers"][keep])
     for qid, text in zip(out["ids"][keep], texts):
       predictions[int(qid)] = text
     truncated += int(np.sum(out["cut"][keep]))

@@ -8,6 +8,8 @@
                     (captioning + VQA)
     causal_lm       a decoder-only LM on text alone      text
     masked_lm       BERT masked-LM of a text encoder     text, mlm_target, mlm_mask
+    vqa_classifier  VQA over frequent answers (late      image, text, answer_scores
+                    fusion of image and question features)
 
 `config.task` names the task; `get(name)` returns it. A new objective is a module here with a
 `TASK` object (a `base.Task` subclass instance), one line in `TASKS`, and a config file.
@@ -19,11 +21,12 @@ from vlm_jax.tasks import coca
 from vlm_jax.tasks import masked_lm
 from vlm_jax.tasks import contrastive
 from vlm_jax.tasks import prefix_lm
+from vlm_jax.tasks import vqa_classifier
 from vlm_jax.tasks.base import Objective, Task, TextSpec
 
 TASKS = {t.name: t for t in (contrastive.TASK, coca.TASK, captioning.TASK,
                              classification.TASK, prefix_lm.TASK,
-                             causal_lm.TASK, masked_lm.TASK)}
+                             causal_lm.TASK, masked_lm.TASK, vqa_classifier.TASK)}
 
 
 def get(name) -> Task:

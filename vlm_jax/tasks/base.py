@@ -152,10 +152,10 @@ class Task:
       return [str(e)]
     return []
 
-  def finalize(self, config, class_names) -> None:
-    """override: completes the config from the training data before anything is built
-    (`class_names`: the training source's class names, or None)."""
-    del config, class_names
+  def finalize(self, config, source) -> None:
+    """override: completes the config from the training data (`source`, opened and checked)
+    before anything is built."""
+    del config, source
 
   # ---- data --------------------------------------------------------------------------------------
   def train_ops(self, config, tokenizer) -> list:

@@ -51,9 +51,10 @@ class ClassificationTask(base.Task):
               "tower without a head, for features only)"]
     return []
 
-  def finalize(self, config, class_names):
+  def finalize(self, config, source):
     """Fills `model.num_classes` (and `data.classnames`) from the training data's classes."""
     m = config.model
+    class_names = source.class_names()
     if class_names:
       if m.num_classes is None:
         m.num_classes = len(class_names)

@@ -1,0 +1,61 @@
+"""VQA as classification (late fusion of image and BERT question features): the soft targets,
+the answer vocabulary taken from the data, training, and the official-metric evaluation."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from vlm_jax import config_utils
+from vlm_jax.data import ops
+from vlm_jax.evals import vqa_accuracy
+
+from data_fixtures import shapes_data_dir  # pylint: disable=unused-import
+from train_utils import REPO, logged
+
+pytestmark = pytest.mark.xdist_group("fusion_vqa")
+
+
+def test_answer_scores_are_the_vqa_soft_targets():
+  index = {"red": 0, "two": 1, "yes": 2}
+  humans = ["red"] * 2 + ["Red "] + ["two"] * 2 + ["blue"] * 5
+  scores = ops.answer_scores(humans, index, 3)
+  # 3 humans said red (after normalisation): 1.0; 2 said two: 2/3; nobody said yes.
+  np.testing.assert_allclose(scores, [1.0, 2 / 3, 0.0], rtol=1e-6)
+  # Where the humans agree exactly, the official accuracy of answering is that soft target.
+  assert vqa_accuracy.question_accuracy("blue", humans) == ops.answer_scores(
+      humans, {"blue": 0}, 1)[0] == 1.0
+
+
+@pytest.fixture(scope="module")
+def fusion_run(shapes_data_dir, tmp_path_factory):
+  root = tmp_path_factory.mktemp("fusion")
+  o = {"data.data_dir": shapes_data_dir, "batch_size": 32, "total_steps": 150,
+       "optim.lr": 3e-3, "log_every_steps": 25, "checkpoint_every_steps": 150,
+       "model.image.width": 32, "model.image.depth": 1, "model.image.num_heads": 2,
+       "model.image.mlp_dim": 64, "model.text.width": 32, "model.text.depth": 1,
+       "model.text.num_heads": 2, "model.text.mlp_dim": 64, "model.hidden_dim": 64,
+       "progress_bar": False, "async_checkpointing": False}
+  cfg = config_utils.load_config(os.path.join(REPO, "configs/shapes_fusion_vqa.py:tiny"), o)
+  from vlm_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(root / "run")
+  return cfg, workdir, train.train_and_evaluate(cfg, workdir)
+
+
+def test_answer_vocabulary_comes_from_the_training_answers(fusion_run):
+  _, workdir, _ = fusion_run
+  saved = json.loads(open(os.path.join(workdir, "config.json")).read())
+  answers = saved["model"]["answers"].split("|")
+  assert {"yes", "no", "red", "circle", "1"} <= set(answers)
+  assert len(answers) == len(set(answers)) <= 100
+
+
+def test_fusion_classifier_learns_and_is_scored_with_the_vqa_metric(fusion_run):
+  _, workdir, final = fusion_run
+  losses = logged(workdir, keys=("answer_loss", "answer_score"))
+  first, last = losses[min(losses)], losses[max(losses)]
+  assert last["answer_loss"] < first["answer_loss"] - 1.0, (first, last)
+  assert last["answer_score"] > first["answer_score"] + 0.2, (first, last)
+  accuracy = final["eval/vqa/shapes/accuracy"]
+  assert accuracy > 0.4, final
+  assert final["eval/vqa/shapes/num_questions"] == 64 * 3
