@@ -34,6 +34,7 @@ TARGETS = {
     "masked_lm": {"masked_lm/shapes/accuracy": 0.6},
     "captioning": {"caption/shapes/cider": 1.0},
     "vqa_classifier": {"vqa/shapes/accuracy": 0.7},
+    "image_text_matching": {"matching/shapes/accuracy": 0.8},
 }
 
 

@@ -12,6 +12,7 @@ predict functions (`ctx.predict_fn(name)`, see `vlm_jax.evals.common.EvalContext
   linear_probe    image_features                 linear_probe/<ds>/{top1, l2}
   vqa             answer                         vqa/<ds>/{accuracy, accuracy_<answer type>}
   masked_lm       mlm_logits                     masked_lm/<ds>/{accuracy, loss, num_masked}
+  matching        match_logits                   matching/<ds>/{accuracy, auc, num_pairs}
 
 `config.evals` holds named entries (`evals_config`); `evals.run` picks which run
 (comma-separated), or is 'auto' (the default): the task's own evaluations (`Task.default_evals`)
@@ -32,6 +33,7 @@ from vlm_jax.evals import classification
 from vlm_jax.evals import common
 from vlm_jax.evals import linear_probe
 from vlm_jax.evals import masked_lm
+from vlm_jax.evals import matching
 from vlm_jax.evals import retrieval
 from vlm_jax.evals import vqa
 from vlm_jax.evals import zeroshot
@@ -44,6 +46,7 @@ EVALUATORS = {
     "linear_probe": linear_probe,
     "vqa": vqa,
     "masked_lm": masked_lm,
+    "matching": matching,
 }
 
 
@@ -137,4 +140,4 @@ def run_evals(ctx: common.EvalContext, step: Optional[int] = None) -> Dict[str, 
 EvalContext = common.EvalContext
 
 __all__ = ["run_evals", "entries", "entry_config", "evals_config", "EVALUATORS", "EvalContext",
-           "captioning", "classification", "common", "linear_probe", "masked_lm", "retrieval", "vqa", "zeroshot"]
+           "captioning", "classification", "common", "linear_probe", "masked_lm", "matching", "retrieval", "vqa", "zeroshot"]

@@ -10,6 +10,8 @@
     masked_lm       BERT masked-LM of a text encoder     text, mlm_target, mlm_mask
     vqa_classifier  VQA over frequent answers (late      image, text, answer_scores
                     fusion of image and question features)
+    image_text_matching  does the caption fit the image?  image, text
+                    (late fusion, binary)
 
 `config.task` names the task; `get(name)` returns it. A new objective is a module here with a
 `TASK` object (a `base.Task` subclass instance), one line in `TASKS`, and a config file.
@@ -18,6 +20,7 @@ from vlm_jax.tasks import captioning
 from vlm_jax.tasks import causal_lm
 from vlm_jax.tasks import classification
 from vlm_jax.tasks import coca
+from vlm_jax.tasks import image_text_matching
 from vlm_jax.tasks import masked_lm
 from vlm_jax.tasks import contrastive
 from vlm_jax.tasks import prefix_lm
@@ -26,7 +29,8 @@ from vlm_jax.tasks.base import Objective, Task, TextSpec
 
 TASKS = {t.name: t for t in (contrastive.TASK, coca.TASK, captioning.TASK,
                              classification.TASK, prefix_lm.TASK,
-                             causal_lm.TASK, masked_lm.TASK, vqa_classifier.TASK)}
+                             causal_lm.TASK, masked_lm.TASK, vqa_classifier.TASK,
+                             image_text_matching.TASK)}
 
 
 def get(name) -> Task:
