@@ -58,7 +58,7 @@ def test_config_typo_names_the_key():
 
 CONFIGS = ["shapes_coca", "shapes_clip", "shapes_siglip", "shapes_captioning", "shapes_classify",
            "shapes_prefixlm", "shapes_bert_mlm", "shapes_lstm_caption", "shapes_fusion_vqa",
-           "shapes_fusion_itm",
+           "shapes_fusion_itm", "shapes_resnet_clip",
            "clip_vit_b16", "siglip_vit_b16", "coca_vit_b32",
            "bench_cpu_clip", "bench_vit_b16_clip"]
 
@@ -110,7 +110,7 @@ def test_unknown_fields_and_tasks_are_named():
     config_utils.complete({"task": "clip"})
   with pytest.raises(config_utils.ConfigError, match="names no task"):
     config_utils.complete({"model": {}})
-  with pytest.raises(config_utils.ConfigError, match="unknown image tower 'resnet9'; known: vit"):
+  with pytest.raises(config_utils.ConfigError, match="unknown image tower 'resnet9'; known: resnet, vit"):
     config_utils.complete({"task": "contrastive", "model": {"image": {"name": "resnet9"}}})
   with pytest.raises(config_utils.ConfigError, match="evals.extra.kind: unknown eval kind"):
     config_utils.complete({"task": "contrastive", "evals": {"extra": {"kind": "nope"}}})

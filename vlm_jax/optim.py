@@ -113,6 +113,9 @@ def make_schedule(config: ml_collections.ConfigDict) -> Callable[[jnp.ndarray], 
                    f"{', '.join(SCHEDULES)}")
 
 
+STATISTICS = r"(^|/)(running_mean|running_var)$"     # BatchNorm statistics (models/resnet.py)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params: PyTree
                    ) -> tuple[optax.GradientTransformation, Callable]:
   """Returns (optimizer, schedule).
@@ -129,11 +132,18 @@ def make_optimizer(config: ml_collections.ConfigDict, params: PyTree
     parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
   parts.append(adamw)
   tx = optax.chain(*parts)
+  # BatchNorm's running statistics are params that no gradient moves (the train step writes
+  # them): they take no update, no decay and no moments.
+  statistics = regex_mask(params, STATISTICS)
   if config.freeze:
     frozen = regex_mask(params, config.freeze)
     if not any(jax.tree.leaves(frozen)):
       raise ValueError(f"freeze: regex {config.freeze!r} matches no parameter; param paths look "
                        f"like {jax.tree.leaves(tree_paths(params))[:3]}")
+    frozen = jax.tree.map(lambda f, s: f or s, frozen, statistics)
+  else:
+    frozen = statistics
+  if any(jax.tree.leaves(frozen)):
     labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule

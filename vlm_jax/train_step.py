@@ -25,7 +25,7 @@ micro-batch than over the whole batch).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -33,26 +33,42 @@ import optax
 
 from vlm_jax.train_state import TrainState, ema_decay_at
 
+# The output key under which a forward pass reports new running statistics
+# (`tasks.base.apply_train`).
+STATS_KEY = "_stat_updates"
+
 PyTree = Any
 
 
 GUARDS = ("cond", "select")
 
 
+def merge_stats(params: PyTree, stats: PyTree) -> PyTree:
+  """`params` with the leaves that `stats` (a sub-tree with the same nesting: the new running
+  statistics of BatchNorm layers, `base.STATS_KEY`) names replaced by its values."""
+  if isinstance(stats, Mapping):
+    return {k: merge_stats(v, stats[k]) if k in stats else v for k, v in params.items()}
+  return jnp.asarray(stats, params.dtype)
+
+
 def loss_and_grads_fn(objective, grad_accum_steps: int = 1, batch_sharding=None) -> Callable:
-  """(params, batch, rng) -> (loss, metrics, grads) of `objective` on the whole batch, computed
-  in one pass (k = 1) or by GradCache accumulation over k micro-batches (see the module
-  docstring). `batch_sharding`: NamedSharding of the batch dimension, used to keep each
-  micro-batch spread over all devices."""
+  """(params, batch, rng) -> (loss, metrics, grads, stats) of `objective` on the whole batch,
+  computed in one pass (k = 1) or by GradCache accumulation over k micro-batches (see the module
+  docstring). `stats`: the new running statistics the forward pass reported (BatchNorm; `{}`
+  for a model without); under accumulation, their mean over the micro-batches (each micro-batch
+  is normalised with its own statistics). `batch_sharding`: NamedSharding of the batch
+  dimension, used to keep each micro-batch spread over all devices."""
   k = int(grad_accum_steps)
   if k < 1:
     raise ValueError(f"grad_accum_steps={k} must be >= 1")
 
   def single(params, batch, rng):
     def loss_fn(p):
-      return objective.loss(objective.forward(p, batch, rng), batch)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, metrics, grads
+      out = objective.forward(p, batch, rng)
+      loss, metrics = objective.loss(out, batch)
+      return loss, (metrics, out.get(STATS_KEY, {}))
+    (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, metrics, grads, stats
 
   def split(x):
     # Micro-batch j = examples j, j+k, j+2k, ...: with the batch sharded in contiguous blocks,
@@ -80,8 +96,10 @@ def loss_and_grads_fn(objective, grad_accum_steps: int = 1, batch_sharding=None)
       mb, j = inputs
       out = objective.forward(params, mb, rngs(j))
       counts = {n: c for n, (_, c) in objective.local_values(out, mb).items()}
-      return None, ({key: out[key] for key in objective.global_keys}, counts)
-    _, (outputs, counts) = jax.lax.scan(pre, None, (micro, js))
+      return None, ({key: out[key] for key in objective.global_keys}, counts,
+                    out.get(STATS_KEY, {}))
+    _, (outputs, counts, stats) = jax.lax.scan(pre, None, (micro, js))
+    stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
     shared = {key: v[0] for key, v in outputs.items() if v.ndim == 1}   # [k] scalars
     per_example = {key: merge(v) for key, v in outputs.items() if v.ndim > 1}
     everything = {**per_example, **shared}
@@ -125,7 +143,7 @@ def loss_and_grads_fn(objective, grad_accum_steps: int = 1, batch_sharding=None)
     grads, sums = jax.lax.scan(micro_grads, zeros, (micro, js, g_example))
     sums = {n: jnp.sum(s) for n, s in sums.items()}
     loss, metrics = objective.combine(global_values, sums, counts, shared)
-    return loss, metrics, grads
+    return loss, metrics, grads, stats
 
   return single if k == 1 else accumulated
 
@@ -152,10 +170,11 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
   if guard not in GUARDS:
     raise ValueError(f"guard {guard!r}: expected one of {', '.join(GUARDS)}")
 
-  def update(params, opt_state, ema, grads, updates_before):
-    """(new params, new optimizer state, new EMA) of one applied update."""
+  def update(params, opt_state, ema, grads, stats, updates_before):
+    """(new params, new optimizer state, new EMA) of one applied update; `stats` (new running
+    statistics, kept out of the optimizer) replace theirs."""
     updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
+    new_params = merge_stats(optax.apply_updates(params, updates), stats)
     if ema is not None:
       if ema_decay is None:
         raise ValueError("the train state holds EMA params but no ema_decay was given")
@@ -165,7 +184,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    loss, metrics, grads = loss_and_grads(state.params, batch, rng)
+    loss, metrics, grads, stats = loss_and_grads(state.params, batch, rng)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step leaves params, optimizer state and EMA untouched (and is counted).
@@ -173,9 +192,10 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
     updates_before = state.step - state.nonfinite_total   # steps taken minus steps skipped
     if guard == "cond":
       new_params, new_opt_state, ema = jax.lax.cond(
-          finite, lambda o, g: update(*o, g, updates_before), lambda o, g: o, old, grads)
+          finite, lambda o, g: update(*o, *g, updates_before), lambda o, g: o, old,
+          (grads, stats))
     else:
-      new = update(*old, grads, updates_before)
+      new = update(*old, grads, stats, updates_before)
       new_params, new_opt_state, ema = jax.tree.map(
           lambda a, b: jnp.where(finite, a, b), new, old)
     skipped = 1 - finite.astype(jnp.int32)

@@ -157,23 +157,29 @@ def _convert_vit(d: dict, model_path: str, checkpoint: str, out: str) -> str:
   return write_output(out, params, config, report=report)
 
 
+def _beside_tokenizer(checkpoint: str, tokenizer: str | None, family: str):
+  """(kind, path, tokenizer) of a Hugging Face model's tokenizer (`find_tokenizer`), read;
+  (None, None, None) for --tokenizer none."""
+  kind, tok_path = find_tokenizer("hf", checkpoint, tokenizer, family)
+  if not kind:
+    return None, None, None
+  from vlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  try:
+    return kind, tok_path, tokenizers.read(kind, tok_path)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConversionError(f"convert: tokenizer {tok_path}: {e}") from e
+
+
 def _convert_bert(d: dict, model_path: str, checkpoint: str, out: str,
                   tokenizer: str | None) -> str:
   """A Hugging Face BertModel / BertForMaskedLM -> a masked_lm workdir."""
   source = os.path.basename(checkpoint)
   fields = hf_bert.fields(d, model_path)
-  kind, tok_path = find_tokenizer("hf", checkpoint, tokenizer, "bert")
-  tok = None
-  if kind:
-    from vlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-    try:
-      tok = tokenizers.read(kind, tok_path)
-    except (FileNotFoundError, ValueError) as e:
-      raise ConversionError(f"convert: tokenizer {tok_path}: {e}") from e
-    if tok.vocab_size != fields["vocab_size"]:
-      raise ConversionError(f"convert: the vocabulary {tok_path} has {tok.vocab_size} tokens but "
-                            f"the checkpoint's word embedding has {fields['vocab_size']} rows "
-                            f"({model_path}: vocab_size); they must match. Nothing was written")
+  kind, tok_path, tok = _beside_tokenizer(checkpoint, tokenizer, "bert")
+  if tok is not None and tok.vocab_size != fields["vocab_size"]:
+    raise ConversionError(f"convert: the vocabulary {tok_path} has {tok.vocab_size} tokens but "
+                          f"the checkpoint's word embedding has {fields['vocab_size']} rows "
+                          f"({model_path}: vocab_size); they must match. Nothing was written")
   state = read_checkpoint(checkpoint)
   params, pooler, head = hf_bert.convert(state, fields, source=source, model=model_path)
   if not head:
@@ -194,17 +200,10 @@ def _convert_lm(d: dict, model_path: str, checkpoint: str, out: str,
   """A Hugging Face GPT2LMHeadModel / LlamaForCausalLM -> a causal_lm workdir."""
   source = os.path.basename(checkpoint)
   fields = hf_lm.lm_fields(d, model_path)
-  kind, tok_path = find_tokenizer("hf", checkpoint, tokenizer, "lm")
-  tok = None
-  if kind:
-    from vlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-    try:
-      tok = tokenizers.read(kind, tok_path)
-    except (FileNotFoundError, ValueError) as e:
-      raise ConversionError(f"convert: tokenizer {tok_path}: {e}") from e
-    if tok.vocab_size > fields["vocab_size"]:
-      raise ConversionError(f"convert: tokenizer {tok_path} has {tok.vocab_size} ids but the "
-                            f"model's vocabulary is {fields['vocab_size']}")
+  kind, tok_path, tok = _beside_tokenizer(checkpoint, tokenizer, "lm")
+  if tok is not None and tok.vocab_size > fields["vocab_size"]:
+    raise ConversionError(f"convert: tokenizer {tok_path} has {tok.vocab_size} ids but the "
+                          f"model's vocabulary is {fields['vocab_size']}")
   state = read_checkpoint(checkpoint)
   params = hf_lm.convert(state, fields, source=source, model=model_path)
   config = hf_lm.to_config(fields, context_length=fields["max_length"])

@@ -24,6 +24,7 @@ from vlm_jax.models import decoder
 from vlm_jax.models import layers
 from vlm_jax.models import lm
 from vlm_jax.models import lstm
+from vlm_jax.models import resnet
 from vlm_jax.models import text
 from vlm_jax.models import vit
 from vlm_jax.models.captioner import Captioner
@@ -35,7 +36,7 @@ from vlm_jax.models.two_tower import TwoTower
 # kind -> name -> tower module. The kind is the section's role (model.image, model.text,
 # model.decoder); the name is the section's `name` field.
 TOWERS = {
-    "image": {"vit": vit},
+    "image": {"vit": vit, "resnet": resnet},
     "text": {"transformer": text, "bert": bert},
     "decoder": {"cross_attention": decoder, "lstm": lstm},
     "lm": {"decoder_only": lm},
@@ -104,4 +105,4 @@ def common_kwargs(model_config) -> dict:
 
 __all__ = ["TOWERS", "tower_module", "tower_config", "build_tower", "shared_config",
            "resolve_dtype", "common_kwargs", "init_cache", "CoCa", "TwoTower", "Captioner",
-           "Classifier", "PrefixLM", "Projector", "vit", "text", "bert", "decoder", "lstm", "lm"]
+           "Classifier", "PrefixLM", "Projector", "vit", "resnet", "text", "bert", "decoder", "lstm", "lm"]

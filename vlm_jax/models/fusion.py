@@ -24,6 +24,28 @@ from vlm_jax.models import layers
 Dtype = Any
 
 
+def from_config(model_config, num_classes: int) -> "LateFusion":
+  """The towers of `config.model` (`image`, `text`) fused into `num_classes` outputs."""
+  from vlm_jax import models  # pylint: disable=g-import-not-at-top  (the registry imports us)
+  m = model_config
+  common = models.common_kwargs(m)
+  return LateFusion(
+      image=models.build_tower("image", m.image, "model.image", **common),
+      text=models.build_tower("text", m.text, "model.text", **common),
+      num_classes=num_classes, hidden_dim=int(m.hidden_dim), dropout=float(m.dropout),
+      dtype=common["dtype"], param_dtype=common["param_dtype"])
+
+
+def forward_flops(model_config, num_classes: int) -> float:
+  from vlm_jax import models  # pylint: disable=g-import-not-at-top
+  m = model_config
+  image = models.tower_module("image", m.image.name, "model.image.name")
+  text = models.tower_module("text", m.text.name, "model.text.name")
+  width = image.width(m.image) + text.width(m.text)
+  return (image.forward_flops(m.image) + text.forward_flops(m.text)
+          + 2 * int(m.hidden_dim) * (width + num_classes))
+
+
 class LateFusion(nn.Module):
   """See the module docstring. Built by the vqa_classifier task."""
   image: Optional[nn.Module] = None

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax import models
+from vlm_jax.train_step import STATS_KEY
 
 PyTree = Any
 
@@ -192,8 +193,7 @@ class Task:
   def forward_fn(self, model) -> Callable[[PyTree, dict, jax.Array], dict]:
     """(params, batch, rng) -> the model's outputs in training mode (dropout from `rng`)."""
     def forward(params, batch, rng):
-      return model.apply({"params": params}, *self.model_args(batch), train=True,
-                         rngs={"dropout": rng})
+      return apply_train(model, params, *self.model_args(batch), rng=rng)
     return forward
 
   def objective(self, config, model) -> Objective:
@@ -222,6 +222,18 @@ class Task:
   def train_flops_per_example(self, config) -> float:
     """Training FLOPs per example: 3 x forward (the backward pass costs about 2 x forward)."""
     return 3.0 * self.forward_flops(config)
+
+
+STAT_UPDATES = "stat_updates"      # the collection BatchNorm reports new statistics in
+
+
+def apply_train(model, params, *args, rng: jax.Array) -> dict:
+  """The model's outputs (a dict) in training mode, plus, for a model with BatchNorm, its new
+  running statistics under STATS_KEY (the train step writes them into the params)."""
+  out, updates = model.apply({"params": params}, *args, train=True, rngs={"dropout": rng},
+                             mutable=[STAT_UPDATES])
+  stats = updates.get(STAT_UPDATES)
+  return dict(out, **{STATS_KEY: stats}) if stats else out
 
 
 def image_features_fn(model, method: str = "image_features") -> Callable:

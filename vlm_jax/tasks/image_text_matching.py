@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vlm_jax import models
 from vlm_jax.data import ops
 from vlm_jax.models import fusion
 from vlm_jax.tasks import base
@@ -64,13 +63,7 @@ class ImageTextMatchingTask(base.Task):
     return [ops.Caption(tokenizer, self.text_spec(config).context_length)]
 
   def build_model(self, config):
-    m = config.model
-    common = models.common_kwargs(m)
-    return fusion.LateFusion(
-        image=models.build_tower("image", m.image, "model.image", **common),
-        text=models.build_tower("text", m.text, "model.text", **common),
-        num_classes=1, hidden_dim=int(m.hidden_dim), dropout=float(m.dropout),
-        dtype=common["dtype"], param_dtype=common["param_dtype"])
+    return fusion.from_config(config.model, num_classes=1)
 
   def model_args(self, batch):
     return batch["image"], batch["text"]
@@ -79,9 +72,9 @@ class ImageTextMatchingTask(base.Task):
     def forward(params, batch, rng):
       pair_rng, dropout_rng = jax.random.split(rng)
       text, labels = mismatched_pairs(batch["text"], pair_rng)
-      out = model.apply({"params": params}, batch["image"], text, train=True,
-                        rngs={"dropout": dropout_rng})
-      return {"match_logits": out["logits"][:, 0], "match_labels": labels}
+      out = base.apply_train(model, params, batch["image"], text, rng=dropout_rng)
+      out.update(match_logits=out.pop("logits")[:, 0], match_labels=labels)
+      return out
     return forward
 
   def objective(self, config, model):
@@ -106,12 +99,7 @@ class ImageTextMatchingTask(base.Task):
     return {"match_logits": match_logits, "image_features": image_features}
 
   def forward_flops(self, config):
-    m = config.model
-    image = models.tower_module("image", m.image.name, "model.image.name")
-    text = models.tower_module("text", m.text.name, "model.text.name")
-    width = image.width(m.image) + text.width(m.text)
-    return (image.forward_flops(m.image) + text.forward_flops(m.text)
-            + 2 * int(m.hidden_dim) * (width + 1))
+    return fusion.forward_flops(config.model, num_classes=1)
 
 
 TASK = ImageTextMatchingTask()

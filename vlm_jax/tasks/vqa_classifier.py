@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vlm_jax import models
 from vlm_jax.data import ops
 from vlm_jax.models import fusion
 from vlm_jax.tasks import base
@@ -109,14 +108,7 @@ class VqaClassifierTask(base.Task):
     return [ops.QuestionAnswerScores(tokenizer, self.text_spec(config).context_length, answers)]
 
   def build_model(self, config):
-    m = config.model
-    common = models.common_kwargs(m)
-    num_classes = len(self.answer_vocabulary(config))
-    return fusion.LateFusion(
-        image=models.build_tower("image", m.image, "model.image", **common),
-        text=models.build_tower("text", m.text, "model.text", **common),
-        num_classes=num_classes, hidden_dim=int(m.hidden_dim), dropout=float(m.dropout),
-        dtype=common["dtype"], param_dtype=common["param_dtype"])
+    return fusion.from_config(config.model, num_classes=len(self.answer_vocabulary(config)))
 
   def model_args(self, batch):
     return batch["image"], batch["text"]
@@ -150,12 +142,8 @@ class VqaClassifierTask(base.Task):
 
   def forward_flops(self, config):
     m = config.model
-    image = models.tower_module("image", m.image.name, "model.image.name")
-    text = models.tower_module("text", m.text.name, "model.text.name")
     k = int(m.num_answers) if m.answers is None else len(self.answer_vocabulary(config))
-    width = image.width(m.image) + text.width(m.text)
-    return (image.forward_flops(m.image) + text.forward_flops(m.text)
-            + 2 * int(m.hidden_dim) * (width + k))
+    return fusion.forward_flops(m, num_classes=k)
 
 
 TASK = VqaClassifierTask()
