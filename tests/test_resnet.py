@@ -133,3 +133,84 @@ def test_resume_is_exact_with_batch_norm(shapes_data_dir, tmp_path):
   b = inference.load(str(tmp_path / "resumed")).params
   assert tree_equal(a, b)
   assert np.abs(np.asarray(a["image"]["stem_bn"]["running_mean"])).max() > 1e-3
+
+
+# ---- Hugging Face import ------------------------------------------------------------------------
+
+
+def _hf_resnet(tmp_path, cls, layer_type, depths, hidden_sizes, seed, **kw):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(seed)
+  cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=hidden_sizes, depths=depths,
+                                  layer_type=layer_type, **kw)
+  model = cls(transformers)(cfg).eval()
+  with torch.no_grad():   # statistics and affine terms away from their initial values
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.uniform_(-0.5, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.2, 0.2)
+  folder = tmp_path / f"{layer_type}{seed}"
+  model.save_pretrained(str(folder), safe_serialization=True)
+  return torch, model, folder
+
+
+@pytest.mark.parametrize("layer_type,depths,hidden_sizes", [
+    ("bottleneck", [3, 4, 6, 3], [32, 64, 128, 256]),      # ResNet-50's blocks, width 8
+    ("basic", [2, 2, 2, 2], [8, 16, 32, 64]),              # ResNet-18's
+])
+def test_hf_resnet_model_pooled_features(tmp_path, layer_type, depths, hidden_sizes):
+  from vlm_jax import convert, inference  # pylint: disable=g-import-not-at-top
+  torch, model, folder = _hf_resnet(tmp_path, lambda t: t.ResNetModel, layer_type, depths,
+                                    hidden_sizes, 0)
+  out = convert.convert_checkpoint("hf", str(folder / "model.safetensors"),
+                                   str(tmp_path / "out"))
+  loaded = inference.load(out)
+  assert loaded.config.model.image.depth == (50 if layer_type == "bottleneck" else 18)
+  x = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = model(pixel_values=torch.tensor(x.transpose(0, 3, 1, 2))).pooler_output.numpy()
+  np.testing.assert_allclose(loaded.image_features(x), want[:, :, 0, 0], atol=1e-4, rtol=0)
+
+
+def test_hf_resnet_classifier_logits_and_refusals(tmp_path):
+  from vlm_jax import convert, inference  # pylint: disable=g-import-not-at-top
+  torch, model, folder = _hf_resnet(
+      tmp_path, lambda t: t.ResNetForImageClassification, "basic", [1, 1, 1, 1], [8, 16, 32, 64],
+      1, id2label={0: "circle", 1: "square"}, label2id={"circle": 0, "square": 1})
+  out = convert.convert_checkpoint("hf", str(folder / "model.safetensors"),
+                                   str(tmp_path / "out"))
+  loaded = inference.load(out)
+  assert loaded.class_names == ["circle", "square"]
+  x = np.random.default_rng(1).normal(size=(2, 224, 224, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = model(pixel_values=torch.tensor(x.transpose(0, 3, 1, 2))).logits.numpy()
+  np.testing.assert_allclose(loaded.context.predict_rows("classify", {"image": x}), want,
+                             atol=1e-4, rtol=0)
+  # A depth vlm_jax does not build, and v1 downsampling, are named; nothing is written.
+  import json  # pylint: disable=g-import-not-at-top
+  d = json.loads((folder / "config.json").read_text())
+  d.update(depths=[2, 3, 2, 2], downsample_in_bottleneck=True)
+  (tmp_path / "c.json").write_text(json.dumps(d))
+  with pytest.raises(convert.ConversionError,
+                     match=r"depths=\[2, 3, 2, 2\].*downsample_in_bottleneck=True"):
+    convert.convert_checkpoint("hf", str(folder / "model.safetensors"), str(tmp_path / "bad"),
+                               model=str(tmp_path / "c.json"))
+  assert not os.path.exists(tmp_path / "bad")
+
+
+def test_init_from_a_resnet_of_another_depth_names_both(tmp_path):
+  from vlm_jax import convert, runtime  # pylint: disable=g-import-not-at-top
+  _, _, folder = _hf_resnet(tmp_path, lambda t: t.ResNetModel, "basic", [1, 1, 1, 1],
+                            [8, 16, 32, 64], 2)
+  out = convert.convert_checkpoint("hf", str(folder / "model.safetensors"),
+                                   str(tmp_path / "rn10"))
+  cfg = config_utils.complete({"task": "classification", "init_from": out, "model": {
+      "num_classes": 2, "image": {"name": "resnet", "depth": 18, "width": 8,
+                                  "image_size": 224}}})
+  rt = runtime.Runtime.create(cfg, jax.devices()[:1])
+  with pytest.raises(ValueError, match=r"model.image.depth is 10 but this model's "
+                     r"model.image.depth is 18"):
+    rt.init_params_from(rt.init_state())

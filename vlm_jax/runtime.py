@@ -117,6 +117,7 @@ class Runtime:
     total = 0
     for subtree, where in ckpt_lib.init_from_entries(config.init_from):
       loc = ckpt_lib.locate(where, field="init_from")
+      check_tower_sizes(config, loc, subtree, where)
       source = ckpt_lib.Checkpointer(loc.checkpoints, read_only=True, async_save=False)
       try:
         loaded, messages = source.restore_params(loc.step, self.abstract_state.params,
@@ -139,6 +140,32 @@ class Runtime:
 
 
 # ---- checks before anything is built ------------------------------------------------------------
+
+
+# Tower fields whose difference makes a checkpoint's params the wrong set (not only the wrong
+# shapes): named in the error before any param is read.
+_STRUCTURAL = ("name", "depth")
+
+
+def check_tower_sizes(config, loc, subtree: str, where: str) -> None:
+  """init_from: a tower of the checkpoint (its saved config) with another architecture name or
+  depth than this model's fails naming both (e.g. a ResNet-50 into a ResNet-18)."""
+  from vlm_jax import inference  # pylint: disable=g-import-not-at-top
+  try:
+    saved = inference.load_config(loc).model
+  except (FileNotFoundError, ValueError):
+    return                            # no saved config: the params' shapes are checked anyway
+  ours = config.model
+  sections = [subtree] if subtree else [k for k in ours if hasattr(ours[k], "get")]
+  for section in sections:
+    mine, theirs = ours.get(section), saved.get(section)
+    if not (hasattr(mine, "get") and hasattr(theirs, "get")):
+      continue
+    for field in _STRUCTURAL:
+      a, b = mine.get(field), theirs.get(field)
+      if a is not None and b is not None and a != b:
+        raise ValueError(f"init_from={where}: its model.{section}.{field} is {b!r} but this "
+                         f"model's model.{section}.{field} is {a!r}; the params do not carry over")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:

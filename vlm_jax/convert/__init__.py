@@ -21,7 +21,8 @@ import os
 
 import json
 
-from vlm_jax.convert import big_vision, configs, hf, hf_bert, hf_lm, hf_vit, openclip
+from vlm_jax.convert import (big_vision, configs, hf, hf_bert, hf_lm, hf_resnet, hf_vit,
+                             openclip)
 from vlm_jax.convert.common import (ConversionError, check_out_dir, read_checkpoint,
                                     write_output)
 from vlm_jax.convert.configs import NAMED_MODELS, ClipArch
@@ -92,6 +93,8 @@ def convert_checkpoint(fmt: str, checkpoint: str, out: str, *, model: str | None
     return _convert_vit(*hf_config, checkpoint, out)
   if hf_config is not None and hf_bert.is_bert_config(hf_config[0]):
     return _convert_bert(*hf_config, checkpoint, out, tokenizer)
+  if hf_config is not None and hf_resnet.is_resnet_config(hf_config[0]):
+    return _convert_resnet(*hf_config, checkpoint, out)
   if fmt == "big_vision" and not model:
     # Prepared once here (its own convert's prepare is then a no-op over plain names).
     state = big_vision.prepare(read_checkpoint(checkpoint), source)
@@ -133,7 +136,7 @@ def _hf_model_config(fmt: str, checkpoint: str, model: str | None):
   except (OSError, UnicodeDecodeError, json.JSONDecodeError):
     return None       # resolve_arch reports an unreadable file
   if isinstance(d, dict) and (hf_lm.is_lm_config(d) or hf_vit.is_vit_config(d)
-                              or hf_bert.is_bert_config(d)):
+                              or hf_bert.is_bert_config(d) or hf_resnet.is_resnet_config(d)):
     return d, path
   return None
 
@@ -154,6 +157,23 @@ def _convert_vit(d: dict, model_path: str, checkpoint: str, out: str) -> str:
             "arch": fields, "tensors": len(state), "classes": classes,
             "left_out": dropped and ["the pooler (Dense + tanh over the class token): "
                                      + ", ".join(dropped)]}
+  return write_output(out, params, config, report=report)
+
+
+def _convert_resnet(d: dict, model_path: str, checkpoint: str, out: str) -> str:
+  """A Hugging Face ResNetModel / ResNetForImageClassification -> a classification workdir."""
+  source = os.path.basename(checkpoint)
+  fields = hf_resnet.fields(d, model_path)
+  state = read_checkpoint(checkpoint)
+  params, classes = hf_resnet.convert(state, fields, source=source, model=model_path)
+  config = hf_resnet.to_config(fields, classes)
+  if classes and fields["num_labels"] == classes:
+    labels = d.get("id2label") or {}
+    names = [str(labels.get(str(i), labels.get(i, i))) for i in range(classes)]
+    config.data.classnames = ",".join(n.replace(",", " ") for n in names)
+  check_against_model(params, config)
+  report = {"format": "hf", "checkpoint": os.path.abspath(checkpoint), "model": model_path,
+            "arch": fields, "tensors": len(state), "classes": classes}
   return write_output(out, params, config, report=report)
 
 
