@@ -12,3 +12,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow (used by TFDS for preparation) must not grab accelerators or print noise.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+# The longest tests (each a minute or more of subprocess runs) go first: pytest-xdist hands out
+# work in collection order, so a long test collected last would run alone on one worker while
+# the other idles (longest-first keeps both busy to the end).
+LONGEST_FIRST = ("test_readme.py", "test_multiprocess.py", "test_bench.py",
+                 "test_train_resume.py", "test_preemption.py", "test_first_hour.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = lambda item: next((i for i, name in enumerate(LONGEST_FIRST)
+                            if item.nodeid.split("::")[0].endswith(name)), len(LONGEST_FIRST))
+  items.sort(key=rank)      # stable: the order within each file is kept

@@ -86,9 +86,12 @@ def test_roc_auc_matches_the_pairwise_definition():
 
 
 def test_image_text_matching_learns(shapes_data_dir, tmp_path):
-  # The config's own sizes (2x64 towers, batch 64): smaller ones stay at chance for longer.
-  o = {"data.data_dir": shapes_data_dir, "total_steps": 100, "log_every_steps": 25,
-       "checkpoint_every_steps": 100, "progress_bar": False, "async_checkpointing": False}
+  o = {"data.data_dir": shapes_data_dir, "total_steps": 100, "optim.lr": 5e-3,
+       "log_every_steps": 25, "checkpoint_every_steps": 100,
+       "model.image.width": 32, "model.image.depth": 1, "model.image.num_heads": 2,
+       "model.image.mlp_dim": 64, "model.text.width": 32, "model.text.depth": 1,
+       "model.text.num_heads": 2, "model.text.mlp_dim": 64, "model.hidden_dim": 64,
+       "progress_bar": False, "async_checkpointing": False}
   cfg = config_utils.load_config(os.path.join(REPO, "configs/shapes_fusion_itm.py:tiny"), o)
   from vlm_jax import train  # pylint: disable=g-import-not-at-top
   final = train.train_and_evaluate(cfg, str(tmp_path / "run"))

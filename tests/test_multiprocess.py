@@ -18,7 +18,8 @@ from vlm_jax import tasks
 from vlm_jax.data import pipeline
 from vlm_jax.data import tokenizer as tok_lib
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+# One group: each test runs two JAX processes, so two at once would oversubscribe the cores.
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess, pytest.mark.xdist_group("multiprocess")]
 
 COMMON = dict(log_every_steps=1, checkpoint_every_steps=2, schedule__kind="constant",
               schedule__warmup_steps=2, batch_size=16)
