@@ -141,6 +141,14 @@ def _hf_model_config(fmt: str, checkpoint: str, model: str | None):
   return None
 
 
+def _record_class_names(config, d: dict, classes: int, num_labels: int) -> None:
+  """A classifier's label names (config.json's id2label) into `data.classnames`."""
+  if classes and num_labels == classes:
+    labels = d.get("id2label") or {}
+    names = [str(labels.get(str(i), labels.get(i, i))) for i in range(classes)]
+    config.data.classnames = ",".join(n.replace(",", " ") for n in names)
+
+
 def _convert_vit(d: dict, model_path: str, checkpoint: str, out: str) -> str:
   """A Hugging Face ViTModel / ViTForImageClassification -> a classification workdir."""
   source = os.path.basename(checkpoint)
@@ -148,10 +156,7 @@ def _convert_vit(d: dict, model_path: str, checkpoint: str, out: str) -> str:
   state = read_checkpoint(checkpoint)
   params, classes, dropped = hf_vit.convert(state, fields, source=source, model=model_path)
   config = hf_vit.to_config(fields, classes)
-  if classes and fields["num_labels"] == classes:
-    labels = d.get("id2label") or {}
-    names = [str(labels.get(str(i), labels.get(i, i))) for i in range(classes)]
-    config.data.classnames = ",".join(n.replace(",", " ") for n in names)
+  _record_class_names(config, d, classes, fields["num_labels"])
   check_against_model(params, config)
   report = {"format": "hf", "checkpoint": os.path.abspath(checkpoint), "model": model_path,
             "arch": fields, "tensors": len(state), "classes": classes,
@@ -167,10 +172,7 @@ def _convert_resnet(d: dict, model_path: str, checkpoint: str, out: str) -> str:
   state = read_checkpoint(checkpoint)
   params, classes = hf_resnet.convert(state, fields, source=source, model=model_path)
   config = hf_resnet.to_config(fields, classes)
-  if classes and fields["num_labels"] == classes:
-    labels = d.get("id2label") or {}
-    names = [str(labels.get(str(i), labels.get(i, i))) for i in range(classes)]
-    config.data.classnames = ",".join(n.replace(",", " ") for n in names)
+  _record_class_names(config, d, classes, fields["num_labels"])
   check_against_model(params, config)
   report = {"format": "hf", "checkpoint": os.path.abspath(checkpoint), "model": model_path,
             "arch": fields, "tensors": len(state), "classes": classes}
