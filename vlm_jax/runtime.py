@@ -144,7 +144,7 @@ class Runtime:
 
 # Tower fields whose difference makes a checkpoint's params the wrong set (not only the wrong
 # shapes): named in the error before any param is read.
-_STRUCTURAL = ("name", "depth")
+_STRUCTURAL = ("name", "depth", "blocks")
 
 
 def check_tower_sizes(config, loc, subtree: str, where: str) -> None:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.models import bert
+from vlm_jax.models import clip_resnet
 from vlm_jax.models import decoder
 from vlm_jax.models import layers
 from vlm_jax.models import lm
@@ -36,7 +37,7 @@ from vlm_jax.models.two_tower import TwoTower
 # kind -> name -> tower module. The kind is the section's role (model.image, model.text,
 # model.decoder); the name is the section's `name` field.
 TOWERS = {
-    "image": {"vit": vit, "resnet": resnet},
+    "image": {"vit": vit, "resnet": resnet, "clip_resnet": clip_resnet},
     "text": {"transformer": text, "bert": bert},
     "decoder": {"cross_attention": decoder, "lstm": lstm},
     "lm": {"decoder_only": lm},
@@ -105,4 +106,5 @@ def common_kwargs(model_config) -> dict:
 
 __all__ = ["TOWERS", "tower_module", "tower_config", "build_tower", "shared_config",
            "resolve_dtype", "common_kwargs", "init_cache", "CoCa", "TwoTower", "Captioner",
-           "Classifier", "PrefixLM", "Projector", "vit", "resnet", "text", "bert", "decoder", "lstm", "lm"]
+           "Classifier", "PrefixLM", "Projector", "vit", "resnet", "clip_resnet", "text", "bert",
+           "decoder", "lstm", "lm"]

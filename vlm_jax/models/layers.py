@@ -131,6 +131,8 @@ class Attention(nn.Module):
     logits and softmax in float32), 'xla' (`jax.nn.dot_product_attention`, XLA's fused
     attention) or 'cudnn' (its cuDNN flash kernel: GPU, bf16 / fp16, head size <= 128; a boolean
     mask becomes an additive bias there). All compute the same function.
+  out_features: width of the output projection (default: the input width); OpenAI CLIP's
+    attention pooling projects to the embedding size there.
   """
   num_heads: int
   use_bias: bool = True
@@ -138,6 +140,7 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
   impl: str = "einsum"
   cache_length: Optional[int] = None
+  out_features: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: Array, context: Optional[Array] = None, mask: Optional[Array] = None,
@@ -181,8 +184,8 @@ class Attention(nn.Module):
           q, k, v, mask=mask, scale=head_dim ** -0.5,
           implementation=ATTENTION_IMPLS[self.impl]).astype(self.dtype)
     out = nn.with_logical_constraint(out, qkv_axes)
-    out = Projection((width,), (HEADS, KV, "embed"), in_dims=2, use_bias=self.use_bias,
-                     dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
+    out = Projection((self.out_features or width,), (HEADS, KV, "embed"), in_dims=2,
+                     use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
     return nn.with_logical_constraint(out, ACT_AXES)
 
   def _update_cache(self, k, v, mask):
