@@ -408,9 +408,9 @@ def layer_norm(weight: np.ndarray, bias: np.ndarray) -> dict:
 
 
 def attention(q: tuple, k: tuple, v: tuple, out: tuple, num_heads: int) -> dict:
-  """Separate (weight [W, W], bias [W]) pairs of the q/k/v/out projections -> our Attention
-  params, whose kernels keep the heads axis: query/key/value [W, heads, head_dim] and out
-  [heads, head_dim, W]. PyTorch's multi-head attention splits the projected features into
+  """Separate (weight [W, W], bias [W]) pairs of the q/k/v/out projections (out may be
+  [Wout, W]) -> our Attention params, whose kernels keep the heads axis: query/key/value
+  [W, heads, head_dim] and out [heads, head_dim, Wout]. PyTorch's multi-head attention splits the projected features into
   heads contiguously, which is exactly this reshape."""
   width = q[0].shape[1]
   head_dim = width // num_heads
@@ -418,7 +418,9 @@ def attention(q: tuple, k: tuple, v: tuple, out: tuple, num_heads: int) -> dict:
   for name, (w, b) in (("query", q), ("key", k), ("value", v)):
     params[name] = {"kernel": np.ascontiguousarray(w.T).reshape(width, num_heads, head_dim),
                     "bias": b.reshape(num_heads, head_dim)}
-  params["out"] = {"kernel": np.ascontiguousarray(out[0].T).reshape(num_heads, head_dim, width),
+  out_width = out[0].shape[0]          # the input width, or the embedding of an attention pool
+  params["out"] = {"kernel": np.ascontiguousarray(out[0].T).reshape(num_heads, head_dim,
+                                                                     out_width),
                    "bias": out[1]}
   return params
 

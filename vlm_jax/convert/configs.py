@@ -8,8 +8,11 @@ from a model name (`ViT-B-32`, ...), an OpenCLIP model-config JSON (`{"embed_dim
 
 The named models follow OpenCLIP's model configs: the `-quickgelu` variants (QuickGELU, which
 OpenAI's own weights need) and the plain ones (exact GELU, used by most OpenCLIP/LAION
-weights). All use a class token with `ln_pre`, LayerNorm eps 1e-5, a causal text tower pooled at
-its eos (the largest id), vocabulary 49408, context 77, 64-dim vision heads and MLP ratio 4.
+weights). All use LayerNorm eps 1e-5, a causal text tower pooled at its eos (the largest id),
+vocabulary 49408, context 77, 64-dim vision heads and MLP ratio 4; the ViTs a class token with
+`ln_pre`. RN50 / RN101 / RN50x4 / RN50x16 / RN50x64 have OpenAI's modified ResNet image tower
+(`vlm_jax.models.clip_resnet`: 3-conv stem, anti-aliased strided bottlenecks, attention pooling
+that projects to the embedding).
 
 A SigLIP (`family='siglip'`, from a Hugging Face `SiglipModel` config.json; SigLIP 2's
 fixed-resolution checkpoints have the same layout) differs: no class token and no ln_pre, a
@@ -36,8 +39,12 @@ UNCAPPED_LOGIT_SCALE = 1e6
 
 @dataclasses.dataclass(frozen=True)
 class ClipArch:
-  """A ViT two-tower model: a CLIP (OpenAI layout: class token, ln_pre, pre-LN blocks, plain
-  projections) or, with family='siglip', a SigLIP (see the module docstring)."""
+  """A two-tower model: a ViT CLIP (OpenAI layout: class token, ln_pre, pre-LN blocks, plain
+  projections), with family='siglip' a SigLIP (see the module docstring), or with
+  `vision_blocks` set a CLIP whose image tower is OpenAI's modified ResNet (RN50, ...): then
+  `vision_width` is its stem width, `vision_heads` its attention pool's heads, `patch_size` its
+  total stride (32), `vision_layers` / `vision_mlp` are 0, and the attention pool projects to
+  `embed_dim` (no separate image projection)."""
   embed_dim: int
   image_size: int
   patch_size: int
@@ -59,10 +66,15 @@ class ClipArch:
   # A CLIP whose eos is not its largest id (e.g. exported from vlm_jax with a SentencePiece
   # tokenizer) pools at its eos = the last token before the padding: the pad id, else None.
   text_pad_id: int | None = None
+  vision_blocks: tuple = ()       # modified ResNet: bottlenecks per stage, e.g. (3, 4, 6, 3)
 
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
+
+  @property
+  def resnet(self) -> bool:
+    return bool(self.vision_blocks)
 
   @property
   def siglip(self) -> bool:
@@ -82,14 +94,32 @@ def _named(embed_dim, image_size, patch, vision_width, vision_layers, text_width
       text_mlp=4 * text_width, vision_act=act, text_act=act)
 
 
+def resnet_arch(embed_dim, image_size, blocks, width, text_width, text_heads, text_layers,
+                act, *, head_width=64, vocab_size=49408, context_length=77) -> ClipArch:
+  """A CLIP with OpenAI's modified ResNet image tower (OpenCLIP's `vision_cfg.layers` list)."""
+  return ClipArch(
+      embed_dim=embed_dim, image_size=image_size, patch_size=32, vision_width=width,
+      vision_layers=0, vision_heads=width * 32 // head_width, vision_mlp=0,
+      text_width=text_width, text_layers=text_layers, text_heads=text_heads,
+      text_mlp=4 * text_width, vocab_size=vocab_size, context_length=context_length,
+      vision_act=act, text_act=act, vision_blocks=tuple(int(b) for b in blocks))
+
+
 NAMED_MODELS: dict[str, ClipArch] = {}
 for _quick in (False, True):
   _suffix = "-quickgelu" if _quick else ""
+  _act = "quick_gelu" if _quick else "gelu"
   NAMED_MODELS.update({
       f"ViT-B-32{_suffix}": _named(512, 224, 32, 768, 12, 512, 8, 12, _quick),
       f"ViT-B-16{_suffix}": _named(512, 224, 16, 768, 12, 512, 8, 12, _quick),
       f"ViT-L-14{_suffix}": _named(768, 224, 14, 1024, 24, 768, 12, 12, _quick),
       f"ViT-L-14-336{_suffix}": _named(768, 336, 14, 1024, 24, 768, 12, 12, _quick),
+      # OpenAI's ResNet CLIPs (OpenAI's own weights need the -quickgelu variants).
+      f"RN50{_suffix}": resnet_arch(1024, 224, (3, 4, 6, 3), 64, 512, 8, 12, _act),
+      f"RN101{_suffix}": resnet_arch(512, 224, (3, 4, 23, 3), 64, 512, 8, 12, _act),
+      f"RN50x4{_suffix}": resnet_arch(640, 288, (4, 6, 10, 6), 80, 640, 10, 12, _act),
+      f"RN50x16{_suffix}": resnet_arch(768, 384, (6, 8, 18, 8), 96, 768, 12, 12, _act),
+      f"RN50x64{_suffix}": resnet_arch(1024, 448, (3, 15, 36, 10), 128, 1024, 16, 12, _act),
   })
 
 
@@ -104,11 +134,9 @@ def arch_from_openclip_json(d: dict, source: str = "model config") -> ClipArch:
           raise KeyError(k)
     unsupported = [f"vision_cfg.{k}" for k in ("timm_model_name", "hf_model_name") if v.get(k)]
     unsupported += [f"text_cfg.{k}" for k in ("hf_model_name",) if t.get(k)]
-    if isinstance(v["layers"], (list, tuple)):
-      unsupported.append("vision_cfg.layers (a ResNet tower)")
     if unsupported:
-      raise ConversionError(f"convert: {source}: only ViT CLIP towers are supported; "
-                            f"unsupported: {', '.join(unsupported)}")
+      raise ConversionError(f"convert: {source}: only ViT and modified-ResNet CLIP towers are "
+                            f"supported; unsupported: {', '.join(unsupported)}")
     head_width = int(v.get("head_width", 64))
     width = int(v["width"])
     act = "quick_gelu" if d.get("quick_gelu", False) else "gelu"
@@ -118,6 +146,14 @@ def arch_from_openclip_json(d: dict, source: str = "model config") -> ClipArch:
         raise ConversionError(f"convert: {source}: non-square image_size {image_size} is not "
                               "supported")
       image_size = image_size[0]
+    if isinstance(v["layers"], (list, tuple)):      # OpenAI's modified ResNet
+      if int(t.get("mlp_ratio", 4)) != 4:
+        raise ConversionError(f"convert: {source}: text_cfg.mlp_ratio={t['mlp_ratio']} with a "
+                              "ResNet image tower is not supported")
+      return resnet_arch(int(d["embed_dim"]), int(image_size), v["layers"], width,
+                         int(t["width"]), int(t["heads"]), int(t["layers"]), act,
+                         head_width=head_width, vocab_size=int(t.get("vocab_size", 49408)),
+                         context_length=int(t.get("context_length", 77)))
     return ClipArch(
         embed_dim=int(d["embed_dim"]), image_size=int(image_size), patch_size=int(v["patch_size"]),
         vision_width=width, vision_layers=int(v["layers"]), vision_heads=width // head_width,
@@ -286,10 +322,16 @@ def to_config(arch: ClipArch, *, tokenizer_path: str | None = None):
   crop, OpenAI mean/std; SigLIP: the whole image resized, scaled to [-1, 1]).
   """
   from vlm_jax import config_utils  # pylint: disable=g-import-not-at-top
-  image = {"name": "vit", "variant": f"B/{arch.patch_size}", "image_size": arch.image_size,
-           "width": arch.vision_width, "depth": arch.vision_layers,
-           "num_heads": arch.vision_heads, "mlp_dim": arch.vision_mlp, "act": arch.vision_act,
-           "ln_eps": arch.vision_ln_eps, "use_bias": True, "posemb": "learn"}
+  if arch.resnet:
+    image = {"name": "clip_resnet", "image_size": arch.image_size,
+             "blocks": arch.vision_blocks, "width": arch.vision_width,
+             "num_heads": arch.vision_heads, "output_dim": arch.embed_dim}
+  else:
+    image = {"name": "vit", "variant": f"B/{arch.patch_size}", "image_size": arch.image_size,
+             "width": arch.vision_width, "depth": arch.vision_layers,
+             "num_heads": arch.vision_heads, "mlp_dim": arch.vision_mlp,
+             "act": arch.vision_act, "ln_eps": arch.vision_ln_eps, "use_bias": True,
+             "posemb": "learn"}
   text = {"name": "transformer", "vocab_size": arch.vocab_size,
           "context_length": arch.context_length, "width": arch.text_width,
           "depth": arch.text_layers, "num_heads": arch.text_heads, "mlp_dim": arch.text_mlp,
@@ -312,11 +354,14 @@ def to_config(arch: ClipArch, *, tokenizer_path: str | None = None):
     # punctuation (Hugging Face's SiglipTokenizer); a tokenizer.json carries its own rules.
     tokenizer = {"kind": "sentencepiece", "pad": "eos", "canonicalize": True}
   else:
-    image.update(pool="cls", class_token=True, ln_pre=True, patch_bias=False)
+    if not arch.resnet:
+      image.update(pool="cls", class_token=True, ln_pre=True, patch_bias=False)
     text.update(causal=True, pool="eos")
     if arch.text_pad_id is not None:   # causal: masking the padding changes nothing before it
       text.update(pool="last", pad_id=arch.text_pad_id)
     model = {"embed_dim": arch.embed_dim, "proj_bias": False,
+             # The ResNet's attention pool already projects to the embedding.
+             "image_proj": not arch.resnet,
              "logit_scale_init": math.log(1 / 0.07), "max_logit_scale": 100.0}
     loss = {"contrastive": "softmax"}
     data = {"image_size": arch.image_size, "mean": OPENAI_MEAN, "std": OPENAI_STD,
