@@ -29,14 +29,18 @@ def test_answer_scores_are_the_vqa_soft_targets():
 
 @pytest.fixture(scope="module")
 def fusion_run(shapes_data_dir, tmp_path_factory):
+  """The fusion classifier with a ResNet-10 image tower (the config's ViT trains in test_train):
+  any registered image tower plugs in, BatchNorm included."""
   root = tmp_path_factory.mktemp("fusion")
   o = {"data.data_dir": shapes_data_dir, "batch_size": 32, "total_steps": 150,
        "optim.lr": 3e-3, "log_every_steps": 25, "checkpoint_every_steps": 150,
-       "model.image.width": 32, "model.image.depth": 1, "model.image.num_heads": 2,
-       "model.image.mlp_dim": 64, "model.text.width": 32, "model.text.depth": 1,
+       "model.text.width": 32, "model.text.depth": 1,
        "model.text.num_heads": 2, "model.text.mlp_dim": 64, "model.hidden_dim": 64,
        "progress_bar": False, "async_checkpointing": False}
-  cfg = config_utils.load_config(os.path.join(REPO, "configs/shapes_fusion_vqa.py:tiny"), o)
+  from configs import shapes_fusion_vqa  # pylint: disable=g-import-not-at-top
+  user = shapes_fusion_vqa.get_config("tiny")
+  user.model.image = dict(name="resnet", image_size=32, depth=10, width=8)
+  cfg = config_utils.apply_overrides(config_utils.complete(user, source="test"), o)
   from vlm_jax import train  # pylint: disable=g-import-not-at-top
   workdir = str(root / "run")
   return cfg, workdir, train.train_and_evaluate(cfg, workdir)
@@ -59,6 +63,9 @@ def test_fusion_classifier_learns_and_is_scored_with_the_vqa_metric(fusion_run):
   accuracy = final["eval/vqa/shapes/accuracy"]
   assert accuracy > 0.4, final
   assert final["eval/vqa/shapes/num_questions"] == 64 * 3
+  from vlm_jax import inference  # pylint: disable=g-import-not-at-top
+  stem = inference.load(workdir).params["image"]["stem_bn"]
+  assert np.abs(np.asarray(stem["running_mean"])).max() > 1e-3   # the step wrote BN statistics
 
 
 # ---- image-text matching (the other late-fusion head) -------------------------------------------
