@@ -6,6 +6,7 @@ unusual sizes (two blocks in stages 2 and 4, an odd attention-pool grid), every 
 BatchNorm statistic set to random values, saved as a state dict (`torch.save` of tensors) and
 converted with `--format openclip`.
 """
+import dataclasses
 import json
 import os
 
@@ -14,12 +15,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import flax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import openclip_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data_fixtures import shapes_data_dir  # pylint: disable=unused-import,wrong-import-position
-from train_utils import logged  # pylint: disable=wrong-import-position
 from vlm_jax import config_utils, tasks  # pylint: disable=wrong-import-position
 from vlm_jax import convert  # pylint: disable=wrong-import-position
 from vlm_jax.convert import configs as arch_lib  # pylint: disable=wrong-import-position
@@ -155,57 +155,38 @@ def test_a_different_architecture_or_missing_weights_are_refused(reference, tmp_
   assert not [p for p in ("a", "b", "c") if os.path.exists(tmp_path / p)]
 
 
-def _shapes_rn_config(shapes_data_dir, **image):
-  from configs import shapes_resnet_clip  # pylint: disable=g-import-not-at-top
-  user = shapes_resnet_clip.get_config("tiny")
-  user.model.image = dict(name="clip_resnet", image_size=32, blocks=(1, 1, 1, 1), width=8,
-                          output_dim=32, **image)
-  user.model.embed_dim = 32
-  user.model.image_proj = False
-  return config_utils.apply_overrides(config_utils.complete(user, source="test"), {
-      "data.data_dir": shapes_data_dir, "batch_size": 8, "progress_bar": False,
-      "evals.run": "", "model.text.width": 32, "model.text.depth": 1,
-      "model.text.num_heads": 2, "model.text.mlp_dim": 64})
+def test_training_mode_reports_every_batch_norm_statistic(reference):
+  """In training the tower normalises with the batch's statistics and reports new running
+  statistics for every BatchNorm (what the train step writes into the params)."""
+  from vlm_jax.tasks import base  # pylint: disable=g-import-not-at-top
+  _, _, out = reference
+  _, ours, params = load_converted(out)
+  images, text = inputs()
+  got = jax.jit(lambda p, i, t: base.apply_train(ours, p, i, t, rng=jax.random.key(0)))(
+      params, jnp.asarray(images), jnp.asarray(text))
+  stats = flax.traverse_util.flatten_dict(got[base.STATS_KEY], sep="/")
+  running = {k: v for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()
+             if k.endswith(("running_mean", "running_var"))}
+  # The stem's 3, the 6 blocks' 3 each and the 4 shortcuts' (first block of each stage).
+  assert sorted(stats) == sorted(running) and len(running) == 2 * (3 + 3 * 6 + 4)
+  for k, new in stats.items():        # momentum 0.9: a tenth of the way to the batch's
+    assert not np.allclose(np.asarray(new), np.asarray(running[k])), k
+  # Batch statistics, not the running ones: the embeddings differ from evaluation mode's.
+  evaluated = jax.jit(ours.apply)({"params": params}, jnp.asarray(images), jnp.asarray(text))
+  assert np.abs(np.asarray(got["image_embed"] - evaluated["image_embed"])).max() > 1e-3
+  np.testing.assert_allclose(got["text_embed"], evaluated["text_embed"], atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def rn_run(shapes_data_dir, tmp_path_factory):
-  """Two train steps of a tiny ResNet CLIP on shapes, checkpointed."""
-  from vlm_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("rn_run") / "run")
-  cfg = _shapes_rn_config(shapes_data_dir)
-  with cfg.unlocked():
-    cfg.total_steps, cfg.checkpoint_every_steps, cfg.log_every_steps = 2, 2, 1
-    cfg.async_checkpointing = False
-  train.train_and_evaluate(cfg, workdir)
-  return workdir
-
-
-def test_trains_with_its_batch_norm_statistics(rn_run):
-  from vlm_jax import inference  # pylint: disable=g-import-not-at-top
-  losses = logged(rn_run, keys=("loss",))
-  assert sorted(losses) == [1, 2] and all(np.isfinite(v["loss"]) for v in losses.values())
-  params = inference.load(rn_run).params["image"]
-  # Running statistics start at mean 0 / variance 1; the steps wrote the batches' into them.
-  for bn in ("stem_bn_1", "stage_4_block_0/shortcut_bn"):
-    stats = params
-    for key in bn.split("/"):
-      stats = stats[key]
-    assert np.abs(np.asarray(stats["running_mean"])).max() > 1e-3, bn
-    assert np.abs(np.asarray(stats["running_var"]) - 1).max() > 1e-3, bn
-  # 256 final features in 4 heads of 64, projected by the pool to the 32-dim embedding.
-  assert params["attn_pool"]["attn"]["out"]["kernel"].shape == (4, 64, 32)
-
-
-def test_init_from_a_resnet_with_other_blocks_names_both(shapes_data_dir, rn_run):
+def test_init_from_a_resnet_with_other_blocks_names_both(reference):
   from vlm_jax import runtime  # pylint: disable=g-import-not-at-top
-  cfg = _shapes_rn_config(shapes_data_dir)
+  _, _, out = reference
+  arch = arch_lib.arch_from_openclip_json(MODEL)
+  cfg = arch_lib.to_config(dataclasses.replace(arch, vision_blocks=(1, 2, 2, 2)))
   with cfg.unlocked():
-    cfg.model.image.blocks = (1, 2, 1, 1)
-    cfg.init_from = rn_run
+    cfg.init_from = out
   rt = runtime.Runtime.create(cfg, jax.devices()[:1])
-  with pytest.raises(ValueError, match=r"model.image.blocks is \(1, 1, 1, 1\) but this model's "
-                     r"model.image.blocks is \(1, 2, 1, 1\)"):
+  with pytest.raises(ValueError, match=r"model.image.blocks is \(1, 2, 1, 2\) but this model's "
+                     r"model.image.blocks is \(1, 2, 2, 2\)"):
     rt.init_params_from(rt.init_state())
 
 
