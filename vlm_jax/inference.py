@@ -280,6 +280,50 @@ class Model:
     return float(out["logit_scale"]), float(out["logit_bias"])
 
   # ---- images from files ----------------------------------------------------------------------
+  def identity(self) -> dict:
+    """What identifies the embedding model (recorded by `vlm_jax.embed` and indexes, checked by
+    `search`): its workdir, step, embedding size and `model_id`, a hash of the model config and
+    of the first values of every param array (exact values, so the same on any mesh or process
+    count; two checkpoints, runs or fine-tunes of one config differ)."""
+    if getattr(self, "_identity", None) is None:
+      import hashlib  # pylint: disable=g-import-not-at-top
+      h = hashlib.sha256(config_utils.config_to_json(self.config.model).encode())
+      leaves = jax.tree_util.tree_leaves_with_path(self.params)
+      heads = self._ctx.call("identity", lambda params: [
+          x.reshape(-1)[:64] for x in jax.tree.leaves(params)])
+      for (path, _), head in zip(leaves, heads):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(head, np.float32).tobytes())
+      self._identity = {"workdir": os.path.abspath(self.path) if self.path else None,
+                        "step": self.step, "embed_dim": int(self.config.model.get("embed_dim")
+                                                            or 0),
+                        "model_id": h.hexdigest()[:16]}
+    return dict(self._identity)
+
+  def search(self, index, texts: Optional[Sequence[str]] = None, images=None, k: int = 10,
+             batch_size: Optional[int] = None) -> list:
+    """The k nearest entries of `index` (a `vlm_jax.search.Index` or its folder) to each query:
+    `texts` (strings) or `images` (paths, bytes, uint8 arrays or preprocessed float32 [N, H, W,
+    3]). Returns one list per query of {score, position, **row} dicts (row: the index's id and
+    caption / image path), best first. An index built with another model is refused, naming
+    both."""
+    from vlm_jax import search as search_lib  # pylint: disable=g-import-not-at-top
+    if isinstance(index, (str, os.PathLike)):
+      index = search_lib.Index.load(str(index))
+    if (texts is None) == (images is None):
+      raise ValueError("search: pass texts=... or images=... (one of them)")
+    search_lib.check_model(index.model, self.identity(), index.path or "the index")
+    if texts is not None:
+      queries = self.encode_texts(self.tokenize(texts), batch_size)
+    else:
+      is_pixels = isinstance(images, np.ndarray) and images.dtype == np.float32
+      queries = self.encode_images(images if is_pixels else self.load_images(images),
+                                   batch_size)
+    scores, positions = index.search(queries, k)
+    return [[dict(index.rows[p], score=float(s), position=int(p))
+             for s, p in zip(score_row, position_row) if p >= 0]
+            for score_row, position_row in zip(scores, positions)]
+
   def load_images(self, sources: Sequence[Any]) -> np.ndarray:
     """Image files (paths), encoded bytes or uint8 arrays -> float32 [N, H, W, 3], preprocessed
     exactly like the eval pipeline (resize + centre crop + normalisation from config.data).

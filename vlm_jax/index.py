@@ -1,0 +1,111 @@
+r"""Build a vector index from `vlm_jax.embed` output, and query it with the same model.
+
+  python -m vlm_jax.index build --embeddings runs/clip/embeddings --kind texts \
+      --out runs/clip/caption_index [--approximate --nlist 4096 --target_recall 0.95]
+  python -m vlm_jax.index query --index runs/clip/caption_index --workdir runs/clip \
+      --text "a red circle" -k 10
+  python -m vlm_jax.index query --index runs/clip/image_index --workdir runs/clip \
+      --image x.png -k 5
+
+`build` indexes the image (`--kind images`) or caption (`--kind texts`) embeddings: exact search
+(every vector, blocked matrix products on the accelerator when there is one) by default, or a
+faiss inverted-file index with `--approximate` for corpora past a few million vectors (see
+`vlm_jax.search`). `query` embeds the text or image with the checkpoint in --workdir, refuses
+an index built with another model (naming both), and prints one line per hit: rank, score, id,
+caption (text index) or the image's captions (image index); `--json` prints JSON lines instead.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+
+from vlm_jax import cli
+from vlm_jax import embed as embed_lib
+from vlm_jax import search
+
+_FLAGS = {}
+
+
+def define_flags():
+  _FLAGS["embeddings"] = flags.DEFINE_string("embeddings", None, "build: a vlm_jax.embed folder.")
+  _FLAGS["kind"] = flags.DEFINE_enum("kind", "images", list(embed_lib.KINDS),
+                                     "build: index the image or the caption embeddings.")
+  _FLAGS["out"] = flags.DEFINE_string("out", None, "build: the index folder to write.")
+  _FLAGS["approximate"] = flags.DEFINE_bool("approximate", False,
+                                            "build: a faiss IVF index instead of exact search.")
+  _FLAGS["nlist"] = flags.DEFINE_integer("nlist", None, "build: IVF lists (default 4 sqrt(N)).")
+  _FLAGS["nprobe"] = flags.DEFINE_integer("nprobe", None, "build: lists searched per query "
+                                          "(default: calibrated to --target_recall).")
+  _FLAGS["target_recall"] = flags.DEFINE_float("target_recall", 0.95,
+                                               "build: recall@10 the calibrated nprobe reaches.")
+  _FLAGS["index"] = flags.DEFINE_string("index", None, "query: the index folder.")
+  _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "query: the model's run directory.")
+  _FLAGS["step"] = flags.DEFINE_integer("step", None, "query: checkpoint step (default latest).")
+  _FLAGS["text"] = flags.DEFINE_multi_string("text", [], "query: a text (repeatable).")
+  _FLAGS["image"] = flags.DEFINE_multi_string("image", [], "query: an image file (repeatable).")
+  _FLAGS["k"] = flags.DEFINE_integer("k", 10, "query: hits per query.")
+  _FLAGS["json"] = flags.DEFINE_bool("json", False, "query: print JSON lines.")
+
+
+def build(embeddings: str, kind: str, out: str, *, approximate: bool = False, nlist=None,
+          nprobe=None, target_recall: float = 0.95) -> search.Index:
+  vectors, rows, manifest = embed_lib.read(embeddings, kind)
+  index = search.Index.build(vectors, rows, model=manifest["model"], kind=kind,
+                             approximate=approximate, nlist=nlist, nprobe=nprobe,
+                             target_recall=target_recall)
+  index.save(out)
+  return index
+
+
+def _describe(hit: dict) -> str:
+  if "caption" in hit:
+    return f"{hit['id']}  {hit['caption']}"
+  return f"{hit['id']}  {' | '.join(hit.get('captions') or [])}"
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in ("build", "query"):
+    raise app.UsageError("usage: python -m vlm_jax.index build|query [flags]")
+  cli.start()
+  try:
+    if argv[1] == "build":
+      for name in ("embeddings", "out"):
+        if not _FLAGS[name].value:
+          raise ValueError(f"index build: --{name} is required")
+      index = build(_FLAGS["embeddings"].value, _FLAGS["kind"].value, _FLAGS["out"].value,
+                    approximate=_FLAGS["approximate"].value, nlist=_FLAGS["nlist"].value,
+                    nprobe=_FLAGS["nprobe"].value, target_recall=_FLAGS["target_recall"].value)
+      print(json.dumps({"out": index.path, "kind": index.kind, "count": len(index),
+                        "approximate": index.approximate, "nprobe": index.nprobe,
+                        "bytes": index.nbytes()}), flush=True)
+      return
+    for name in ("index", "workdir"):
+      if not _FLAGS[name].value:
+        raise ValueError(f"index query: --{name} is required")
+    texts, images = _FLAGS["text"].value, _FLAGS["image"].value
+    if bool(texts) == bool(images):
+      raise ValueError("index query: pass --text or --image (one kind of query)")
+    from vlm_jax import inference  # pylint: disable=g-import-not-at-top
+    index = search.Index.load(_FLAGS["index"].value)
+    model = inference.load(_FLAGS["workdir"].value, _FLAGS["step"].value)
+    results = model.search(index, texts=texts or None, images=images or None,
+                           k=_FLAGS["k"].value)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    cli.fail(e)
+  sys.stdout.flush()
+  for query, hits in zip(texts or images, results):
+    if _FLAGS["json"].value:
+      print(json.dumps({"query": query, "hits": hits}))
+      continue
+    print(f"query: {query}")
+    for rank, hit in enumerate(hits, 1):
+      print(f"  {rank:3d}  {hit['score']:.4f}  {_describe(hit)}")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

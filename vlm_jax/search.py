@@ -1,0 +1,261 @@
+"""Vector search over embeddings: exact (blocked matrix product + top-k, on the accelerator when
+there is one) and approximate (faiss), behind one on-disk `Index`.
+
+    index = search.Index.build(vectors, rows, model=..., kind="images")   # exact
+    index = search.Index.build(vectors, rows, model=..., approximate=True)  # faiss IVF
+    index.save("runs/index"); index = search.Index.load("runs/index")
+    scores, positions = index.search(queries, k=10)      # [Q, k] each, best first
+
+Scores are inner products (embeddings are unit norm, so cosine similarities). `rows` is one
+JSON-able dict per vector (its id, and the caption or image path a query prints).
+
+Why faiss for the approximate index: it is the library most retrieval work in this field uses
+(LAION's clip-retrieval builds faiss indexes), it is pip-installable for the CPU with no
+framework pinned beside it (ScaNN's wheels follow TensorFlow's releases, which we also pin for
+TFDS, so the two would have to move together), it writes indexes that memory-map, and one API
+covers IVF, product quantisation and HNSW, CPU and GPU. We use an inverted file over exact
+vectors (`IndexIVFFlat`, inner product): its recall is set at query time by `nprobe`, which
+the index stores beside itself (`bench/index.py` measures recall@10 against exact search).
+
+An index records the model that embedded its vectors (`model`: its id and embedding size); a
+query with another model fails naming both (`check_model`).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT = "vlm_jax.index/1"
+DEFAULT_BLOCK = 65536          # rows of the database per matrix product in exact search
+
+
+# ---- exact search ------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _block_topk(queries, block, offset, best_scores, best_ids, *, k):
+  """Merges the top-k of `queries @ block.T` into the running (best_scores, best_ids)."""
+  scores = jnp.einsum("qd,nd->qn", queries, block, preferred_element_type=jnp.float32)
+  kk = min(k, block.shape[0])
+  top, where = jax.lax.top_k(scores, kk)
+  scores = jnp.concatenate([best_scores, top], axis=1)
+  ids = jnp.concatenate([best_ids, where.astype(jnp.int32) + offset], axis=1)
+  best, pick = jax.lax.top_k(scores, k)
+  return best, jnp.take_along_axis(ids, pick, axis=1)
+
+
+def exact_search(queries: np.ndarray, vectors, k: int, block_rows: int = DEFAULT_BLOCK
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """The k largest inner products of each query over all `vectors`: (scores float32 [Q, k],
+  positions int64 [Q, k]), best first; ties keep the lower position first. `vectors` may be a
+  numpy array (it is moved to the default device block by block) or a device array.
+
+  Fewer than k vectors: the missing places hold score -inf and position -1.
+  """
+  queries = jnp.asarray(queries, jnp.float32)
+  n = int(vectors.shape[0])
+  q = queries.shape[0]
+  best = jnp.full((q, k), -jnp.inf, jnp.float32)
+  ids = jnp.full((q, k), -1, jnp.int32)
+  # Every block but a ragged last one has the same shape: one compiled function.
+  block_rows = max(1, min(int(block_rows), n))
+  for start in range(0, n, block_rows):
+    block = jnp.asarray(vectors[start:start + block_rows], jnp.float32)
+    best, ids = _block_topk(queries, block, jnp.int32(start), best, ids, k=k)
+  return np.asarray(best), np.asarray(ids).astype(np.int64)
+
+
+# ---- the index ---------------------------------------------------------------------------------
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+  """Mean fraction of each row of `truth` (true top-k positions) that `found` contains."""
+  hits = [len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth)]
+  return float(np.sum(hits) / truth.size) if truth.size else 1.0
+
+
+def calibrate_nprobe(ivf, vectors: np.ndarray, target_recall: float, k: int = 10,
+                     queries: int = 256, seed: int = 0) -> int:
+  """The smallest power-of-two nprobe whose recall@k reaches `target_recall`, measured with
+  `queries` of the indexed vectors as queries (each one's own vector left out of both the exact
+  and the approximate answer, so finding itself earns nothing)."""
+  rng = np.random.default_rng(seed)
+  n = vectors.shape[0]
+  pick = rng.choice(n, size=min(queries, n), replace=False)
+  q = vectors[pick]
+  k = min(k, n - 1)
+  if k < 1:
+    return 1
+
+  def without_self(positions):
+    return np.stack([row[row != own][:k] for row, own in zip(positions, pick)])
+
+  _, exact = exact_search(q, vectors, k + 1)
+  truth = without_self(exact)
+  nprobe = 1
+  while True:
+    ivf.nprobe = nprobe
+    _, found = ivf.search(q, k + 1)
+    if nprobe >= ivf.nlist or recall_at_k(without_self(found), truth) >= target_recall:
+      return nprobe
+    nprobe = min(2 * nprobe, ivf.nlist)
+
+
+class ModelMismatch(ValueError):
+  """Queries embedded with another model than the index's vectors."""
+
+
+def check_model(index_model: dict, query_model: dict, index_path: str = "the index") -> None:
+  """Raises ModelMismatch naming both models when the embedding size or the model id differ."""
+  problems = []
+  for field in ("embed_dim", "model_id"):
+    a, b = index_model.get(field), query_model.get(field)
+    if a != b:
+      problems.append(f"{field} {a!r} (index) vs {b!r} (query model)")
+  if problems:
+    raise ModelMismatch(f"search: {index_path} was built with another model than the query's: "
+                        f"{'; '.join(problems)} (index model: {index_model.get('workdir')}, "
+                        f"query model: {query_model.get('workdir')}); embed the corpus with the "
+                        "query's model, or query with the index's")
+
+
+class Index:
+  """Vectors (or a faiss index over them) + one metadata row per vector + the embedding model."""
+
+  def __init__(self, vectors: Optional[np.ndarray], rows: list, model: dict, kind: str,
+               faiss_index=None, nprobe: int = 0):
+    self.vectors, self.rows, self.model, self.kind = vectors, rows, dict(model), kind
+    self.faiss_index, self.nprobe = faiss_index, int(nprobe)
+    self.path = None                 # the folder it was loaded from / saved to
+    self._device_vectors = None
+
+  @property
+  def approximate(self) -> bool:
+    return self.faiss_index is not None
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  @property
+  def dim(self) -> int:
+    return int(self.model["embed_dim"])
+
+  @classmethod
+  def build(cls, vectors: np.ndarray, rows: Sequence[dict], *, model: dict, kind: str,
+            approximate: bool = False, nlist: Optional[int] = None, nprobe: Optional[int] = None,
+            target_recall: float = 0.95, seed: int = 0) -> "Index":
+    """An exact index over `vectors` [N, D] (float32), or with `approximate` a faiss
+    IndexIVFFlat with `nlist` lists (default 4 sqrt(N)) searched `nprobe` at a time: given, or
+    the smallest power of two whose recall@10 against exact search reaches `target_recall` on
+    calibration queries (`calibrate_nprobe`)."""
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != len(rows):
+      raise ValueError(f"index: {vectors.shape} vectors for {len(rows)} rows")
+    if vectors.shape[0] == 0:
+      raise ValueError("index: no vectors to index (the embeddings are empty)")
+    if vectors.shape[1] != int(model["embed_dim"]):
+      raise ValueError(f"index: vectors of size {vectors.shape[1]} but the model's embed_dim is "
+                       f"{model['embed_dim']}")
+    if not approximate:
+      return cls(vectors, list(rows), model, kind)
+    import faiss  # pylint: disable=g-import-not-at-top
+    n, d = vectors.shape
+    nlist = int(nlist or max(1, min(n // 39, round(4 * math.sqrt(n)))))
+    quantizer = faiss.IndexFlatIP(d)
+    ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.cp.seed = int(seed)
+    ivf.train(vectors)
+    ivf.add(vectors)
+    if not nprobe:
+      nprobe = calibrate_nprobe(ivf, vectors, target_recall, seed=seed)
+    return cls(None, list(rows), model, kind, faiss_index=ivf, nprobe=int(nprobe))
+
+  def search(self, queries: np.ndarray, k: int = 10, block_rows: int = DEFAULT_BLOCK
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [Q, k], positions [Q, k]) of the k best vectors per query, best first."""
+    queries = np.ascontiguousarray(queries, np.float32)
+    if queries.ndim != 2 or queries.shape[1] != self.dim:
+      raise ValueError(f"search: queries of shape {queries.shape}; this index holds "
+                       f"{self.dim}-dim vectors")
+    k = int(k)
+    if k < 1:
+      raise ValueError(f"search: k={k} must be >= 1")
+    if self.approximate:
+      self.faiss_index.nprobe = self.nprobe
+      scores, positions = self.faiss_index.search(queries, k)
+      return scores.astype(np.float32), positions.astype(np.int64)
+    if self._device_vectors is None and len(self) <= DEFAULT_BLOCK:
+      self._device_vectors = jnp.asarray(self.vectors)   # a small index stays on the device
+    return exact_search(queries, self._device_vectors if self._device_vectors is not None
+                        else self.vectors, k, block_rows)
+
+  # ---- files -----------------------------------------------------------------------------------
+  def save(self, path: str) -> str:
+    """Writes DIR/index.json, rows.jsonl and vectors.npy (exact) or faiss.index; the folder must
+    not exist yet (or be empty). Files are written under temporary names and renamed last."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+      raise FileExistsError(f"index: {path} already exists and is not an empty folder")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "rows.jsonl.tmp"), "w") as f:
+      for row in self.rows:
+        f.write(json.dumps(row) + "\n")
+    os.replace(os.path.join(path, "rows.jsonl.tmp"), os.path.join(path, "rows.jsonl"))
+    if self.approximate:
+      import faiss  # pylint: disable=g-import-not-at-top
+      faiss.write_index(self.faiss_index, os.path.join(path, "faiss.index.tmp"))
+      os.replace(os.path.join(path, "faiss.index.tmp"), os.path.join(path, "faiss.index"))
+    else:
+      with open(os.path.join(path, "vectors.npy.tmp"), "wb") as f:
+        np.save(f, self.vectors)
+      os.replace(os.path.join(path, "vectors.npy.tmp"), os.path.join(path, "vectors.npy"))
+    meta = {"format": FORMAT, "kind": self.kind, "count": len(self), "model": self.model,
+            "backend": "faiss_ivf_flat" if self.approximate else "exact", "nprobe": self.nprobe}
+    with open(os.path.join(path, "index.json.tmp"), "w") as f:
+      json.dump(meta, f, indent=2)
+    os.replace(os.path.join(path, "index.json.tmp"), os.path.join(path, "index.json"))
+    self.path = path
+    return path
+
+  @classmethod
+  def load(cls, path: str) -> "Index":
+    meta_path = os.path.join(path, "index.json")
+    if not os.path.isfile(meta_path):
+      raise FileNotFoundError(f"index: no index.json in {path} (build one with "
+                              "`python -m vlm_jax.index build`)")
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta.get("format") != FORMAT:
+      raise ValueError(f"index: {meta_path} has format {meta.get('format')!r}, expected "
+                       f"{FORMAT!r}")
+    with open(os.path.join(path, "rows.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    if len(rows) != meta["count"]:
+      raise ValueError(f"index: {path}/rows.jsonl has {len(rows)} rows, index.json says "
+                       f"{meta['count']}")
+    if meta["backend"] == "exact":
+      vectors = np.load(os.path.join(path, "vectors.npy"), mmap_mode="r", allow_pickle=False)
+      if vectors.shape != (meta["count"], int(meta["model"]["embed_dim"])):
+        raise ValueError(f"index: {path}/vectors.npy has shape {vectors.shape}, expected "
+                         f"({meta['count']}, {meta['model']['embed_dim']})")
+      index = cls(vectors, rows, meta["model"], meta["kind"])
+    else:
+      import faiss  # pylint: disable=g-import-not-at-top
+      ivf = faiss.read_index(os.path.join(path, "faiss.index"))
+      index = cls(None, rows, meta["model"], meta["kind"], faiss_index=ivf, nprobe=meta["nprobe"])
+    index.path = os.path.abspath(path)
+    return index
+
+  def nbytes(self) -> int:
+    """Bytes the index holds in memory (vectors or the faiss index)."""
+    if self.approximate:
+      import faiss  # pylint: disable=g-import-not-at-top
+      return int(faiss.serialize_index(self.faiss_index).nbytes)
+    return int(self.vectors.nbytes)
