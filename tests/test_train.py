@@ -58,7 +58,7 @@ def test_config_typo_names_the_key():
 
 CONFIGS = ["shapes_coca", "shapes_clip", "shapes_siglip", "shapes_captioning", "shapes_classify",
            "shapes_prefixlm", "shapes_bert_mlm", "shapes_lstm_caption", "shapes_fusion_vqa",
-           "shapes_fusion_itm", "shapes_resnet_clip",
+           "shapes_fusion_itm", "shapes_resnet_clip", "shapes_resnet_classify",
            "clip_vit_b16", "siglip_vit_b16", "coca_vit_b32",
            "bench_cpu_clip", "bench_vit_b16_clip"]
 
@@ -72,7 +72,7 @@ def test_configs_load_and_build(name):
   spec = task.text_spec(cfg)
   if spec is not None:
     assert spec.vocab_size >= cfg.tokenizer.vocab_size
-  if name == "shapes_classify":
+  if name in ("shapes_classify", "shapes_resnet_classify"):
     cfg.model.num_classes = 20     # the trainer takes it from the data
   if name == "shapes_fusion_vqa":
     cfg.model.answers = "yes|no|red"   # the trainer takes them from the data

@@ -36,6 +36,7 @@ TARGETS = {
     "captioning": {"caption/shapes/cider": 1.0},
     "vqa_classifier": {"vqa/shapes/accuracy": 0.7},
     "image_text_matching": {"matching/shapes/accuracy": 0.8},
+    "classification": {"classification/shapes/top1": 0.8},
 }
 
 
