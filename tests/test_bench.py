@@ -385,3 +385,14 @@ def test_gpu_check_without_an_accelerator_refuses_at_once(tmp_path):
   assert proc.returncode == 1
   assert "JAX finds no GPU or TPU here" in proc.stderr and "--dry-run" in proc.stderr
   assert not (tmp_path / "summary.md").exists()
+
+
+def test_index_benchmark_prints_exact_and_approximate_figures():
+  r = _json_line(_run_script("index.py", "--n=4000", "--dim=32", "--queries=50"))
+  assert r["bench"] == "index" and r["n"] == 4000 and r["k"] == 10
+  exact, approximate = r["exact"], r["approximate"]
+  assert exact["recall_at_10"] == 1.0 and exact["bytes"] == 4000 * 32 * 4
+  assert 0.5 < approximate["recall_at_10"] <= 1.0
+  assert 1 <= approximate["nprobe"] <= approximate["nlist"]
+  for method in (exact, approximate):
+    assert method["queries_per_s"] > 0 and method["build_s"] >= 0 and method["bytes"] > 0

@@ -1,9 +1,11 @@
 """Two JAX processes on localhost (2 CPU devices each, gloo collectives) train, checkpoint and
 resume (also on one process, and back on two), and log the same losses as one process with 4
-devices on the same global batches; a SIGTERM to one process stops both."""
+devices on the same global batches; embeddings written by 2 processes equal 1 process's; a
+SIGTERM to one process stops both."""
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -25,7 +27,8 @@ COMMON = dict(log_every_steps=1, checkpoint_every_steps=2, schedule__kind="const
               schedule__warmup_steps=2, batch_size=16)
 
 
-def _run_two_processes(workdir, data_dir, total_steps, tmp_path, tag):
+def _run_two_processes(workdir, data_dir, total_steps, tmp_path, tag, command=None):
+  """Two JAX processes (2 devices each) run the trainer (or `command`) to completion."""
   port = free_port()
   o = tiny_overrides(data_dir, total_steps=total_steps, **COMMON)
   procs, logs = [], []
@@ -34,8 +37,8 @@ def _run_two_processes(workdir, data_dir, total_steps, tmp_path, tag):
                          JAX_PROCESS_ID=str(pid))
     log = open(tmp_path / f"{tag}_{pid}.log", "w")
     logs.append(log)
-    procs.append(subprocess.Popen(train_command("coca", workdir, o), cwd=REPO, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT))
+    procs.append(subprocess.Popen(command or train_command("coca", workdir, o), cwd=REPO,
+                                  env=env, stdout=log, stderr=subprocess.STDOUT))
   try:
     for pid, p in enumerate(procs):
       rc = p.wait(timeout=400)
@@ -96,6 +99,23 @@ def test_training_resumes_across_process_counts_like_one_run(shapes_data_dir, tm
   for step, h in enumerate(history, start=1):
     for key in a[step]:
       np.testing.assert_allclose(a[step][key], h[key], rtol=2e-4, err_msg=f"step {step} {key}")
+
+  # `vlm_jax.embed` of the trained model on 2 processes writes what 1 process writes.
+  from vlm_jax import embed, inference  # pylint: disable=g-import-not-at-top
+  two = str(tmp_path / "embed_two")
+  _run_two_processes(multi, shapes_data_dir, 8, tmp_path, "embed", command=[
+      sys.executable, "-m", "vlm_jax.embed", f"--workdir={multi}", f"--out={two}",
+      "--shard_size=24", "--batch_size=8"])
+  one = str(tmp_path / "embed_one")
+  model = inference.load(multi, mesh=inference.default_mesh(jax.devices()[:4]))
+  embed.embed(model, embed.split_data_config(model.config, "eval"), one, shard_size=24,
+              progress=False)
+  for kind in ("images", "texts"):
+    vectors_two, rows_two, manifest = embed.read(two, kind)
+    vectors_one, rows_one, _ = embed.read(one, kind)
+    assert rows_two == rows_one and len(rows_one) == (64 if kind == "images" else 256)
+    np.testing.assert_allclose(vectors_two, vectors_one, atol=1e-5, err_msg=kind)
+  assert manifest["model"]["model_id"] == model.identity()["model_id"]
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_evaluation_batch(shapes_data_dir,

@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax import cli
+from vlm_jax import files
 from vlm_jax import console
 from vlm_jax import inference
 from vlm_jax.data import ops
@@ -111,18 +112,6 @@ class RowIndex:
 
   def collate(self, examples):
     return {"row": np.asarray([e["_row"] for e in examples], np.int32)}
-
-
-def _json_write(path: str, obj) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
-
-
-def _npy_write(path: str, array: np.ndarray) -> None:
-  with open(path + ".tmp", "wb") as f:
-    np.save(f, array)
-  os.replace(path + ".tmp", path)
 
 
 def _start_manifest(out_dir: str, settings: dict) -> dict:
@@ -197,12 +186,12 @@ def embed(model: inference.Model, data, out_dir: str, *, what: Sequence[str] = K
       if skipped:
         manifest["skipped"][str(i)] = skipped
       manifest["complete"] = len(manifest["shards"]) == num_shards
-      _json_write(os.path.join(out_dir, "manifest.json"), manifest)
+      files.write_json(os.path.join(out_dir, "manifest.json"), manifest)
     bar.update(1)
   bar.close()
   manifest["complete"] = len(manifest["shards"]) == num_shards
   if writer and not todo:
-    _json_write(os.path.join(out_dir, "manifest.json"), manifest)
+    files.write_json(os.path.join(out_dir, "manifest.json"), manifest)
   return manifest
 
 
@@ -255,26 +244,15 @@ def _write_shard(out_dir, i, source, rows, images, texts, what, max_captions):
     lines.append(json.dumps({"row": int(r), "key": str(raw.get("key", r)),
                              "captions": captions}))
   if "images" in what:
-    _npy_write(os.path.join(out_dir, f"images-{i:05d}.npy"), images.astype(np.float32))
+    files.save_npy(os.path.join(out_dir, f"images-{i:05d}.npy"), images.astype(np.float32))
   if "texts" in what:
-    _npy_write(os.path.join(out_dir, f"texts-{i:05d}.npy"), texts.astype(np.float32))
-  path = os.path.join(out_dir, f"rows-{i:05d}.jsonl")
-  with open(path + ".tmp", "w") as f:
-    f.write("".join(line + "\n" for line in lines))
-  os.replace(path + ".tmp", path)
+    files.save_npy(os.path.join(out_dir, f"texts-{i:05d}.npy"), texts.astype(np.float32))
+  files.write_lines(os.path.join(out_dir, f"rows-{i:05d}.jsonl"), lines)
 
 
 def read_manifest(out_dir: str) -> dict:
-  path = os.path.join(out_dir, "manifest.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"embeddings: no manifest.json in {out_dir} (make one with "
-                            "`python -m vlm_jax.embed`)")
-  with open(path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != FORMAT:
-    raise ValueError(f"embeddings: {path} has format {manifest.get('format')!r}, expected "
-                     f"{FORMAT!r}")
-  return manifest
+  return files.read_described(os.path.join(out_dir, "manifest.json"), FORMAT, "embeddings",
+                              "python -m vlm_jax.embed")
 
 
 def read(out_dir: str, kind: str) -> tuple[np.ndarray, list, dict]:

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax import files
+
 FORMAT = "vlm_jax.index/1"
 DEFAULT_BLOCK = 65536          # rows of the database per matrix product in exact search
 
@@ -83,9 +85,9 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 def calibrate_nprobe(ivf, vectors: np.ndarray, target_recall: float, k: int = 10,
                      queries: int = 256, seed: int = 0) -> int:
-  """The smallest power-of-two nprobe whose recall@k reaches `target_recall`, measured with
-  `queries` of the indexed vectors as queries (each one's own vector left out of both the exact
-  and the approximate answer, so finding itself earns nothing)."""
+  """The smallest nprobe whose recall@k reaches `target_recall` (doubling, then bisecting),
+  measured with `queries` of the indexed vectors as queries (each one's own vector left out of
+  both the exact and the approximate answer, so finding itself earns nothing)."""
   rng = np.random.default_rng(seed)
   n = vectors.shape[0]
   pick = rng.choice(n, size=min(queries, n), replace=False)
@@ -99,13 +101,19 @@ def calibrate_nprobe(ivf, vectors: np.ndarray, target_recall: float, k: int = 10
 
   _, exact = exact_search(q, vectors, k + 1)
   truth = without_self(exact)
-  nprobe = 1
-  while True:
+
+  def reaches(nprobe):
     ivf.nprobe = nprobe
     _, found = ivf.search(q, k + 1)
-    if nprobe >= ivf.nlist or recall_at_k(without_self(found), truth) >= target_recall:
-      return nprobe
-    nprobe = min(2 * nprobe, ivf.nlist)
+    return recall_at_k(without_self(found), truth) >= target_recall
+
+  low, high = 0, 1                       # low fails (0: nothing read), high is tried next
+  while high < ivf.nlist and not reaches(high):
+    low, high = high, min(2 * high, ivf.nlist)
+  while high - low > 1:                  # the smallest passing value in (low, high]
+    middle = (low + high) // 2
+    low, high = (low, middle) if reaches(middle) else (middle, high)
+  return high
 
 
 class ModelMismatch(ValueError):
@@ -153,8 +161,8 @@ class Index:
             target_recall: float = 0.95, seed: int = 0) -> "Index":
     """An exact index over `vectors` [N, D] (float32), or with `approximate` a faiss
     IndexIVFFlat with `nlist` lists (default 4 sqrt(N)) searched `nprobe` at a time: given, or
-    the smallest power of two whose recall@10 against exact search reaches `target_recall` on
-    calibration queries (`calibrate_nprobe`)."""
+    the smallest whose recall@10 against exact search reaches `target_recall` on calibration
+    queries (`calibrate_nprobe`)."""
     vectors = np.ascontiguousarray(vectors, np.float32)
     if vectors.ndim != 2 or vectors.shape[0] != len(rows):
       raise ValueError(f"index: {vectors.shape} vectors for {len(rows)} rows")
@@ -171,6 +179,9 @@ class Index:
     quantizer = faiss.IndexFlatIP(d)
     ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.cp.seed = int(seed)
+    # k-means on up to 64 points per list (faiss's default, 256, quadruples the training time
+    # for centroids that place the same).
+    ivf.cp.max_points_per_centroid = 64
     ivf.train(vectors)
     ivf.add(vectors)
     if not nprobe:
@@ -204,37 +215,23 @@ class Index:
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
       raise FileExistsError(f"index: {path} already exists and is not an empty folder")
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "rows.jsonl.tmp"), "w") as f:
-      for row in self.rows:
-        f.write(json.dumps(row) + "\n")
-    os.replace(os.path.join(path, "rows.jsonl.tmp"), os.path.join(path, "rows.jsonl"))
+    files.write_lines(os.path.join(path, "rows.jsonl"), (json.dumps(r) for r in self.rows))
     if self.approximate:
       import faiss  # pylint: disable=g-import-not-at-top
       faiss.write_index(self.faiss_index, os.path.join(path, "faiss.index.tmp"))
       os.replace(os.path.join(path, "faiss.index.tmp"), os.path.join(path, "faiss.index"))
     else:
-      with open(os.path.join(path, "vectors.npy.tmp"), "wb") as f:
-        np.save(f, self.vectors)
-      os.replace(os.path.join(path, "vectors.npy.tmp"), os.path.join(path, "vectors.npy"))
+      files.save_npy(os.path.join(path, "vectors.npy"), np.asarray(self.vectors))
     meta = {"format": FORMAT, "kind": self.kind, "count": len(self), "model": self.model,
             "backend": "faiss_ivf_flat" if self.approximate else "exact", "nprobe": self.nprobe}
-    with open(os.path.join(path, "index.json.tmp"), "w") as f:
-      json.dump(meta, f, indent=2)
-    os.replace(os.path.join(path, "index.json.tmp"), os.path.join(path, "index.json"))
+    files.write_json(os.path.join(path, "index.json"), meta)   # last: marks the index complete
     self.path = path
     return path
 
   @classmethod
   def load(cls, path: str) -> "Index":
-    meta_path = os.path.join(path, "index.json")
-    if not os.path.isfile(meta_path):
-      raise FileNotFoundError(f"index: no index.json in {path} (build one with "
-                              "`python -m vlm_jax.index build`)")
-    with open(meta_path) as f:
-      meta = json.load(f)
-    if meta.get("format") != FORMAT:
-      raise ValueError(f"index: {meta_path} has format {meta.get('format')!r}, expected "
-                       f"{FORMAT!r}")
+    meta = files.read_described(os.path.join(path, "index.json"), FORMAT, "index",
+                                "python -m vlm_jax.index build")
     with open(os.path.join(path, "rows.jsonl")) as f:
       rows = [json.loads(line) for line in f]
     if len(rows) != meta["count"]:
