@@ -157,3 +157,33 @@ def test_search_finds_a_caption_and_refuses_another_models_index(clip_run, tmp_p
   with pytest.raises(search.ModelMismatch, match=r"embed_dim 8 \(index\) vs 32 \(query model\)"
                      r".*model_id '0123' \(index\)"):
     model.search(other, texts=["a red circle"])
+
+
+def test_neighbours_are_the_best_captions_of_other_images(clip_run, tmp_path):
+  _, model = clip_run
+  emb = str(tmp_path / "emb")
+  embed_lib.embed(model, embed_lib.split_data_config(model.config, "eval"), emb,
+                  shard_size=64, progress=False)
+  from vlm_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  captions = index_lib.build(emb, "texts", str(tmp_path / "captions"))
+  out = str(tmp_path / "neighbours.jsonl")
+  assert index_lib.neighbours(captions, emb, 3, out) == 64
+  found = [json.loads(line) for line in open(out)]
+  images, image_rows, _ = embed_lib.read(emb, "images")
+  texts, text_rows, _ = embed_lib.read(emb, "texts")
+  # Brute force: every caption of another image, by score.
+  scores = images @ texts.T
+  for i, (row, got) in enumerate(zip(image_rows, found)):
+    assert got["id"] == row["id"] and len(got["neighbours"]) == 3
+    others = [j for j, t in enumerate(text_rows) if t["image"] != row["id"]]
+    best = sorted(others, key=lambda j: -scores[i, j])[:3]
+    # The same scores (captions with equal scores, e.g. one text under two images, may swap).
+    np.testing.assert_allclose([n["score"] for n in got["neighbours"]], scores[i, best],
+                               atol=1e-5)
+    by_id = {t["id"]: t for t in text_rows}
+    assert all(by_id[n["id"]]["image"] != row["id"] and by_id[n["id"]]["caption"] == n["caption"]
+               for n in got["neighbours"]), i
+  # An image index is not a datastore of captions.
+  images_index = index_lib.build(emb, "images", str(tmp_path / "images"))
+  with pytest.raises(ValueError, match="must be a caption index"):
+    index_lib.neighbours(images_index, emb, 3, str(tmp_path / "bad.jsonl"))

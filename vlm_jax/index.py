@@ -7,12 +7,19 @@ r"""Build a vector index from `vlm_jax.embed` output, and query it with the same
   python -m vlm_jax.index query --index runs/clip/image_index --workdir runs/clip \
       --image x.png -k 5
 
+  python -m vlm_jax.index neighbours --index runs/clip/caption_index \
+      --embeddings runs/clip/train_embeddings --k 4 --out runs/clip/train_neighbours.jsonl
+
 `build` indexes the image (`--kind images`) or caption (`--kind texts`) embeddings: exact search
 (every vector, blocked matrix products on the accelerator when there is one) by default, or a
 faiss inverted-file index with `--approximate` for corpora past a few million vectors (see
 `vlm_jax.search`). `query` embeds the text or image with the checkpoint in --workdir, refuses
 an index built with another model (naming both), and prints one line per hit: rank, score, id,
 caption (text index) or the image's captions (image index); `--json` prints JSON lines instead.
+`neighbours` writes, for every image of an embeddings folder, the k nearest captions of a
+caption index (a datastore), never the image's own captions (those whose image id is the
+query's), as JSON lines {"id", "neighbours": [{"id", "caption", "score"}, ...]}: the retrieved
+captions a retrieval-augmented captioner is trained and evaluated with.
 """
 from __future__ import annotations
 
@@ -30,10 +37,12 @@ _FLAGS = {}
 
 
 def define_flags():
-  _FLAGS["embeddings"] = flags.DEFINE_string("embeddings", None, "build: a vlm_jax.embed folder.")
+  _FLAGS["embeddings"] = flags.DEFINE_string("embeddings", None,
+                                              "build / neighbours: a vlm_jax.embed folder.")
   _FLAGS["kind"] = flags.DEFINE_enum("kind", "images", list(embed_lib.KINDS),
                                      "build: index the image or the caption embeddings.")
-  _FLAGS["out"] = flags.DEFINE_string("out", None, "build: the index folder to write.")
+  _FLAGS["out"] = flags.DEFINE_string("out", None, "build: the index folder to write; "
+                                      "neighbours: the .jsonl file to write.")
   _FLAGS["approximate"] = flags.DEFINE_bool("approximate", False,
                                             "build: a faiss IVF index instead of exact search.")
   _FLAGS["nlist"] = flags.DEFINE_integer("nlist", None, "build: IVF lists (default 4 sqrt(N)).")
@@ -41,12 +50,12 @@ def define_flags():
                                           "(default: calibrated to --target_recall).")
   _FLAGS["target_recall"] = flags.DEFINE_float("target_recall", 0.95,
                                                "build: recall@10 the calibrated nprobe reaches.")
-  _FLAGS["index"] = flags.DEFINE_string("index", None, "query: the index folder.")
+  _FLAGS["index"] = flags.DEFINE_string("index", None, "query / neighbours: the index folder.")
   _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "query: the model's run directory.")
   _FLAGS["step"] = flags.DEFINE_integer("step", None, "query: checkpoint step (default latest).")
   _FLAGS["text"] = flags.DEFINE_multi_string("text", [], "query: a text (repeatable).")
   _FLAGS["image"] = flags.DEFINE_multi_string("image", [], "query: an image file (repeatable).")
-  _FLAGS["k"] = flags.DEFINE_integer("k", 10, "query: hits per query.")
+  _FLAGS["k"] = flags.DEFINE_integer("k", 10, "query / neighbours: hits per query.")
   _FLAGS["json"] = flags.DEFINE_bool("json", False, "query: print JSON lines.")
 
 
@@ -60,6 +69,33 @@ def build(embeddings: str, kind: str, out: str, *, approximate: bool = False, nl
   return index
 
 
+def neighbours(index: search.Index, embeddings: str, k: int, out: str,
+               block: int = 4096) -> int:
+  """For each image of `embeddings`, the `k` best captions of `index` that are not its own,
+  written to `out` (JSON lines, in the embeddings' order); returns the number of images."""
+  if index.kind != "texts":
+    raise ValueError(f"neighbours: {index.path} indexes {index.kind}; it must be a caption "
+                     "index (`index build --kind texts`)")
+  vectors, rows, manifest = embed_lib.read(embeddings, "images")
+  search.check_model(index.model, manifest["model"], index.path or "the index")
+  if len(index) == 0:
+    raise ValueError(f"neighbours: {index.path} holds no captions")
+  # An image has at most max_captions captions in a datastore made by vlm_jax.embed; fetching
+  # that many more than k leaves k after its own are dropped (fewer only if the store is small).
+  fetch = min(len(index), k + int(manifest.get("max_captions", 5)))
+  lines = []
+  for start in range(0, len(rows), block):
+    scores, positions = index.search(vectors[start:start + block], fetch)
+    for row, score_row, position_row in zip(rows[start:start + block], scores, positions):
+      hits = [dict(id=index.rows[p]["id"], caption=index.rows[p]["caption"], score=float(s))
+              for s, p in zip(score_row, position_row)
+              if p >= 0 and index.rows[p].get("image") != row["id"]][:k]
+      lines.append(json.dumps({"id": row["id"], "neighbours": hits}))
+  from vlm_jax import files  # pylint: disable=g-import-not-at-top
+  files.write_lines(out, lines)
+  return len(lines)
+
+
 def _describe(hit: dict) -> str:
   if "caption" in hit:
     return f"{hit['id']}  {hit['caption']}"
@@ -67,10 +103,19 @@ def _describe(hit: dict) -> str:
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("build", "query"):
-    raise app.UsageError("usage: python -m vlm_jax.index build|query [flags]")
+  if len(argv) != 2 or argv[1] not in ("build", "query", "neighbours"):
+    raise app.UsageError("usage: python -m vlm_jax.index build|query|neighbours [flags]")
   cli.start()
   try:
+    if argv[1] == "neighbours":
+      for name in ("index", "embeddings", "out"):
+        if not _FLAGS[name].value:
+          raise ValueError(f"index neighbours: --{name} is required")
+      count = neighbours(search.Index.load(_FLAGS["index"].value), _FLAGS["embeddings"].value,
+                         _FLAGS["k"].value, _FLAGS["out"].value)
+      print(json.dumps({"out": _FLAGS["out"].value, "images": count, "k": _FLAGS["k"].value}),
+            flush=True)
+      return
     if argv[1] == "build":
       for name in ("embeddings", "out"):
         if not _FLAGS[name].value:
