@@ -133,6 +133,6 @@ run_stage decode "${python}" bench/decode.py "${coca[@]}"
 run_stage nonfinite_guard "${python}" bench/option_ab.py "${clip[@]}" "${ab[@]}" \
     --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch \
     --variant=cond --variant=select:config.nonfinite_guard=select
-not_available prefix_lm_step "there is no prefix-LM task yet"
+not_available prefix_lm_step "no full-size prefix-LM benchmark config yet (only configs/shapes_prefixlm.py)"
 
 "${python}" "${here}/gpu_summary.py" "${results}" | tee "${out}/summary.md"
