@@ -87,7 +87,12 @@ def calibrate_nprobe(ivf, vectors: np.ndarray, target_recall: float, k: int = 10
                      queries: int = 256, seed: int = 0) -> int:
   """The smallest nprobe whose recall@k reaches `target_recall` (doubling, then bisecting),
   measured with `queries` of the indexed vectors as queries (each one's own vector left out of
-  both the exact and the approximate answer, so finding itself earns nothing)."""
+  both the exact and the approximate answer, so finding itself earns nothing).
+
+  "Reaches" means with 95% confidence: the measured recall less two standard errors of a
+  proportion over queries x k hits (0.009 at 256 queries and recall 0.95). The smallest value
+  that merely touches the target on a sample lands below it on new queries about half the
+  time."""
   rng = np.random.default_rng(seed)
   n = vectors.shape[0]
   pick = rng.choice(n, size=min(queries, n), replace=False)
@@ -105,7 +110,8 @@ def calibrate_nprobe(ivf, vectors: np.ndarray, target_recall: float, k: int = 10
   def reaches(nprobe):
     ivf.nprobe = nprobe
     _, found = ivf.search(q, k + 1)
-    return recall_at_k(without_self(found), truth) >= target_recall
+    recall = recall_at_k(without_self(found), truth)
+    return recall - 2 * math.sqrt(recall * (1 - recall) / truth.size) >= target_recall
 
   low, high = 0, 1                       # low fails (0: nothing read), high is tried next
   while high < ivf.nlist and not reaches(high):
