@@ -110,7 +110,8 @@ def test_unknown_fields_and_tasks_are_named():
     config_utils.complete({"task": "clip"})
   with pytest.raises(config_utils.ConfigError, match="names no task"):
     config_utils.complete({"model": {}})
-  with pytest.raises(config_utils.ConfigError, match="unknown image tower 'resnet9'; known: resnet, vit"):
+  with pytest.raises(config_utils.ConfigError,
+                     match="unknown image tower 'resnet9'; known: clip_resnet, resnet, vit"):
     config_utils.complete({"task": "contrastive", "model": {"image": {"name": "resnet9"}}})
   with pytest.raises(config_utils.ConfigError, match="evals.extra.kind: unknown eval kind"):
     config_utils.complete({"task": "contrastive", "evals": {"extra": {"kind": "nope"}}})
