@@ -25,6 +25,9 @@ from vlm_jax import convert  # pylint: disable=wrong-import-position
 from vlm_jax.convert import configs as arch_lib  # pylint: disable=wrong-import-position
 from vlm_jax.models import clip_resnet  # pylint: disable=wrong-import-position
 
+# One worker builds the module fixtures once (xdist would otherwise build them on both).
+pytestmark = pytest.mark.xdist_group("clip_resnet")
+
 open_clip_model = openclip_reference.load()
 if open_clip_model is None:
   pytest.skip("open_clip is not installed", allow_module_level=True)
@@ -105,6 +108,25 @@ def test_image_and_text_embeddings_match_open_clip(reference):
                                                    method=lambda m, x: m.image(x)))(
                                                        params, jnp.asarray(images))
   assert tokens.shape == (3, 9, 48) and pooled.shape == (3, 48)
+
+
+def test_openai_torchscript_release_format(reference, tmp_path):
+  """OpenAI's RN50 files are TorchScript archives: read without torch.jit or unpickling code,
+  BatchNorm's integer `num_batches_tracked` included."""
+  from test_convert import torchscript_archive  # pylint: disable=g-import-not-at-top
+  model, d, _ = reference
+  archive = tmp_path / "RN-tiny.pt"
+  torchscript_archive(torch.load(d / "state.pt", weights_only=True), archive,
+                      text_mask_length=MODEL["text_cfg"]["context_length"])
+  out = convert.convert_checkpoint("openclip", str(archive), str(tmp_path / "out"),
+                                   model=str(d / "model.json"), tokenizer="none")
+  _, ours, params = load_converted(out)
+  images, text = inputs(seed=1)
+  got = jax.jit(ours.apply)({"params": params}, jnp.asarray(images), jnp.asarray(text))
+  with torch.no_grad():
+    want = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2)),
+                              normalize=True).numpy()
+  assert float(np.max(np.abs(np.asarray(got["image_embed"]) - want))) <= TOL
 
 
 def test_named_resnet_models_are_open_clips_model_configs():
