@@ -25,6 +25,9 @@ from vlm_jax.evals import templates
 from vlm_jax.evals import zeroshot
 from vlm_jax.models import init_cache
 
+# One worker builds the module fixtures once (xdist would otherwise build them on both).
+pytestmark = pytest.mark.xdist_group("evals_model")
+
 NUM_TEST = 64   # shapes/tiny test split
 
 

@@ -19,7 +19,8 @@ from vlm_jax import predict
 from vlm_jax import train
 
 # Trains a (4-step) model with the real trainer and starts two subprocesses.
-pytestmark = pytest.mark.slow
+# slow; one worker builds the trained run once (xdist would otherwise build it on both).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("inference")]
 
 STEPS = 4
 EVAL_OVERRIDES = {

@@ -15,6 +15,9 @@ from vlm_jax import models
 from vlm_jax import tasks
 from vlm_jax.models import layers, text as text_lib, vit as vit_lib
 
+# One worker builds the module fixtures once (xdist would otherwise build them on both).
+pytestmark = pytest.mark.xdist_group("models")
+
 # 'rbg' keys: same semantics as the default PRNG, much faster to compile on XLA:CPU (tests only).
 KEY = jax.random.key(0, impl="rbg")
 B, L, V, IMG = 2, 8, 64, 16
