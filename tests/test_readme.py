@@ -60,7 +60,7 @@ def test_bring_your_own_data_commands_run_as_written(tmp_path):
   by_start = lambda prefix: [out for c, out in outputs.items() if c.startswith(prefix)]
   metrics = json.loads(by_start("python -m vlm_jax.evaluate --workdir runs/my_clip")[0]
                        .strip().splitlines()[-1])
-  assert 0 <= metrics["retrieval/jsonl/i2t_r1"] <= 1 and metrics["step"] == 100
+  assert 0 <= metrics["retrieval/jsonl/i2t_r1"] <= 1 and metrics["step"] == 30
   clip_predict, classifier_predict = by_start("python -m vlm_jax.predict")
   assert "red circle" in clip_predict and "blue square" in clip_predict
   assert "tok.model: vocab_size" in by_start("python -m vlm_jax.data.tokenizer")[0]
@@ -69,7 +69,7 @@ def test_bring_your_own_data_commands_run_as_written(tmp_path):
                    classifier_predict), classifier_predict
   for run in ("my_clip", "my_clip_wds", "my_classifier"):
     final = [json.loads(l) for l in open(tmp_path / "runs" / run / "metrics.jsonl")][-1]
-    assert final["step"] == 100, run
+    assert final["step"] == 30, run
   saved = json.loads(open(tmp_path / "runs" / "my_clip" / "config.json").read())
   assert saved["evals"]["run"] == "retrieval"      # what ran is what `evaluate` runs again
   wds = json.loads(open(tmp_path / "runs" / "my_clip_wds" / "config.json").read())
