@@ -124,11 +124,20 @@ def test_embed_resumes_without_recomputing_and_matches_the_model(clip_run, tmp_p
     embed_lib.embed(model, data, out, shard_size=16, progress=False)
 
 
-def test_search_finds_a_caption_and_refuses_another_models_index(clip_run, tmp_path):
-  workdir, model = clip_run
-  emb = str(tmp_path / "emb")
+@pytest.fixture(scope="module")
+def eval_embeddings(clip_run, tmp_path_factory):
+  """The run's eval split (64 images) embedded in 2 shards."""
+  _, model = clip_run
+  emb = str(tmp_path_factory.mktemp("eval_embeddings") / "emb")
   embed_lib.embed(model, embed_lib.split_data_config(model.config, "eval"), emb,
                   shard_size=32, progress=False)
+  return emb
+
+
+def test_search_finds_a_caption_and_refuses_another_models_index(clip_run, eval_embeddings,
+                                                                  tmp_path):
+  workdir, model = clip_run
+  emb = eval_embeddings
   from vlm_jax import index as index_lib  # pylint: disable=g-import-not-at-top
   index = index_lib.build(emb, "texts", str(tmp_path / "captions"))
   _, rows, _ = embed_lib.read(emb, "texts")
@@ -159,11 +168,8 @@ def test_search_finds_a_caption_and_refuses_another_models_index(clip_run, tmp_p
     model.search(other, texts=["a red circle"])
 
 
-def test_neighbours_are_the_best_captions_of_other_images(clip_run, tmp_path):
-  _, model = clip_run
-  emb = str(tmp_path / "emb")
-  embed_lib.embed(model, embed_lib.split_data_config(model.config, "eval"), emb,
-                  shard_size=64, progress=False)
+def test_neighbours_are_the_best_captions_of_other_images(eval_embeddings, tmp_path):
+  emb = eval_embeddings
   from vlm_jax import index as index_lib  # pylint: disable=g-import-not-at-top
   captions = index_lib.build(emb, "texts", str(tmp_path / "captions"))
   out = str(tmp_path / "neighbours.jsonl")
