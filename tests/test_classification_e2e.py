@@ -1,69 +1,14 @@
-"""The classification task end to end on an ImageFolder (root/<class>/<image>) written from the tiny
-shapes splits: train -> evaluate -> predict through the command lines, and the checks that refuse
-a data source without the fields the task needs before anything is compiled."""
-import json
+"""The classification task's data checks: a data source without the fields the task needs is
+refused before anything is compiled. (Training, evaluating and predicting from an ImageFolder
+through the command lines runs in tests/test_readme.py, as README's walkthrough writes it.)"""
 import os
-import subprocess
-import sys
 
 import pytest
 
-from train_utils import REPO, flag_args, subprocess_env, tiny_overrides
+from train_utils import REPO
 from vlm_jax import config_utils
 from vlm_jax import runtime
 from vlm_jax import train
-from vlm_jax.data import write_shapes
-
-STEPS = 8
-
-
-def _run(args, timeout=600):
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=subprocess_env(2),
-                        capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return proc.stdout
-
-
-@pytest.mark.slow
-def test_image_folder_classifier_trains_evaluates_and_predicts(tmp_path):
-  train_dir, eval_dir = str(tmp_path / "train"), str(tmp_path / "val")
-  classes = write_shapes.write("imagefolder", train_dir, "tiny", "train")
-  write_shapes.write("imagefolder", eval_dir, "tiny", "test")
-  workdir = str(tmp_path / "run")
-  overrides = tiny_overrides(None, kind="classify", total_steps=STEPS, log_every_steps=4,
-                             checkpoint_every_steps=4, schedule__warmup_steps=2,
-                             evals__run="classification")
-  overrides.update({"data.source": "imagefolder", "data.train_folder": train_dir,
-                    "data.eval_folder": eval_dir})
-  del overrides["data.data_dir"]
-  _run(["vlm_jax.train", f"--config={REPO}/configs/shapes_classify.py:tiny",
-        f"--workdir={workdir}", *flag_args(overrides)])
-
-  with open(os.path.join(workdir, "config.json")) as f:
-    saved = json.load(f)
-  assert saved["model"]["num_classes"] == len(classes)          # from the class folders
-  assert saved["data"]["classnames"].split(",") == classes
-  assert not os.path.exists(os.path.join(workdir, "tokenizer.model"))   # no text, no tokenizer
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  final = {k: v for r in records if r["step"] == STEPS for k, v in r.items()}
-  assert final["eval/classification/imagefolder/num_examples"] == 64
-  assert {"classification_loss", "accuracy"} <= set(final)
-  assert final["checkpoint/lag_steps"] == 4    # logged before step 8's save: step 4 is newest
-
-  # The evaluation command reproduces the trainer's final evaluation from the saved config.
-  printed = json.loads(_run(["vlm_jax.evaluate", f"--workdir={workdir}"]).splitlines()[-1])
-  for key in ("top1", "top5", "num_examples"):
-    assert printed[f"classification/imagefolder/{key}"] == pytest.approx(
-        final[f"eval/classification/imagefolder/{key}"]), key
-
-  image = os.path.join(eval_dir, classes[0], sorted(os.listdir(os.path.join(eval_dir,
-                                                                            classes[0])))[0])
-  out = json.loads(_run(["vlm_jax.predict", f"--workdir={workdir}", f"--image={image}",
-                         "--json"]).splitlines()[-1])
-  assert out["image"] == image and "caption" not in out
-  assert set(out["probs"]) <= set(classes) and len(out["probs"]) == 5
-  assert sum(out["probs"].values()) <= 1.0 + 1e-6
-
 
 def _no_runtime(monkeypatch):
   """Fails the test if anything gets as far as building the model and compiling."""

@@ -60,6 +60,23 @@ def test_bring_your_own_data_commands_run_as_written(tmp_path):
   by_start = lambda prefix: [out for c, out in outputs.items() if c.startswith(prefix)]
   metrics = json.loads(by_start("python -m vlm_jax.evaluate --workdir runs/my_clip")[0]
                        .strip().splitlines()[-1])
+  # The classifier: classes from the folders, no tokenizer (no text), and `evaluate` reproduces
+  # the trainer's final evaluation from the saved config.
+  classifier = json.loads(open(tmp_path / "runs" / "my_classifier" / "config.json").read())
+  folders = sorted(os.listdir(tmp_path / "mydata" / "classes_train"))
+  assert classifier["data"]["classnames"].split(",") == folders
+  assert classifier["model"]["num_classes"] == len(folders) == 20
+  assert not os.path.exists(tmp_path / "runs" / "my_classifier" / "tokenizer.model")
+  printed = json.loads(by_start("python -m vlm_jax.evaluate --workdir runs/my_classifier")[0]
+                       .strip().splitlines()[-1])
+  logged_final = {k: v for r in map(json.loads, open(tmp_path / "runs" / "my_classifier" /
+                                                     "metrics.jsonl"))
+                  if r["step"] == 30 for k, v in r.items()}
+  test_images = sum(len(files) for _, _, files in os.walk(tmp_path / "mydata" / "classes_test"))
+  assert logged_final["eval/classification/imagefolder/num_examples"] == test_images > 0
+  for key in ("top1", "top5", "num_examples"):
+    assert printed[f"classification/imagefolder/{key}"] == pytest.approx(
+        logged_final[f"eval/classification/imagefolder/{key}"]), key
   assert 0 <= metrics["retrieval/jsonl/i2t_r1"] <= 1 and metrics["step"] == 30
   clip_predict, classifier_predict = by_start("python -m vlm_jax.predict")
   assert "red circle" in clip_predict and "blue square" in clip_predict
