@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu_check.sh [--out DIR]          # on the accelerator (installs nothing)
 #   bash bench/gpu_check.sh --dry-run [--out DIR]  # the same stages at toy sizes, on any CPU
+#   bash bench/gpu_check.sh --only train_step/scan_remat,decode   # a rerun of some stages
 #
 # Stages (each under its own time limit; one that fails or times out is recorded as such and the
 # next one runs):
@@ -12,16 +13,23 @@
 #                          peak memory), no scan, no remat
 #   train_step/scan_remat  the same as the recipe runs it: model.scan + model.remat, keeping
 #                          the matmuls without a batch dimension
-#   matmul_floor           every matmul of that step alone: how close the step is to the GEMMs
+#   attention_parity       einsum vs XLA's and cuDNN's fused attention on the models' masks:
+#                          largest differences of outputs and gradients, bf16 against fp32
 #   train_step/flash_attention  the recipe's step with model.attention=cudnn (cuDNN's flash
 #                          kernel through jax.nn.dot_product_attention)
+#   attention_ab           the recipe's step, einsum against cuDNN attention, alternating in
+#                          one process (bench/option_ab.py)
 #   decode                 CoCa ViT-B/32 captions, greedy and beam 3 at 8 / 32 / 64 tokens
+#   matmul_floor           every matmul of the base step alone: how close the step is to the GEMMs
 #   nonfinite_guard        the recipe's step with the NaN guard as lax.cond (default) against
 #                          jnp.where, alternating in one process (bench/option_ab.py)
 #   (planned: the prefix-LM step; recorded as not available yet)
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), BATCH (global batch of
 # the train step, default 128: without remat the step holds about 0.5 GiB of activations an
-# example, by bench/memory.py), STAGE_TIMEOUT (seconds per stage, default 150). The stages import
+# example, by bench/memory.py), STAGE_TIMEOUT (seconds per stage, default 150), DEADLINE (seconds
+# for the whole script, default 480: a stage gets at most what is left, and one that would get
+# under 20 s is recorded as skipped), JAX_COMPILATION_CACHE_DIR (default OUT/jax_cache: stages
+# that compile the same step reuse it). The stages import
 # jax, flax, optax, orbax-checkpoint, chex and ml-collections (no TensorFlow, no data).
 set -uo pipefail
 
@@ -29,12 +37,15 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "${here}")"
 out="${root}/runs/gpu_check"
 dry_run=0
+only=""
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --out) out="$2"; shift ;;
     --out=*) out="${1#--out=}" ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --only) only="$2"; shift ;;
+    --only=*) only="${1#--only=}" ;;
+    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -46,7 +57,10 @@ if [[ -z "${python}" ]]; then
   else python=python; fi
 fi
 stage_timeout="${STAGE_TIMEOUT:-150}"
+deadline="${DEADLINE:-480}"
+script_start=$(date +%s)
 mkdir -p "${out}"
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${out}/jax_cache}"
 results="${out}/results.jsonl"
 : > "${results}"
 cd "${root}" || exit 1
@@ -70,6 +84,7 @@ if ((dry_run)); then
   floor=(--repeats=1 --min_time=0.001 --torch=false)
   ab=(--rounds=1 --steps_per_round=1)
   flash=xla          # cuDNN's kernel needs a GPU; the dry run checks the stage with XLA's
+  parity=(--impls=xla --batch=2 --heads=2)
 else
   clip=(--config=configs/bench_vit_b16_clip.py "--config.batch_size=${BATCH:-128}")
   steps=(--steps=10 --warmup=3)
@@ -77,16 +92,25 @@ else
   floor=(--repeats=3 --torch=false)
   ab=(--rounds=3 --steps_per_round=2)
   flash=cudnn
+  parity=("--impls=xla,cudnn")
 fi
 
 # run_stage NAME COMMAND...: the command's JSON lines go to results.jsonl with "stage": NAME; a
 # failure or a timeout becomes one line saying so (with the last lines of its error output).
 run_stage() {
   local name="$1"; shift
-  local log="${out}/${name//\//_}.log" start rc
+  [[ -n "${only}" && ",${only}," != *",${name},"* ]] && return
+  local log="${out}/${name//\//_}.log" start rc limit
   start=$(date +%s)
-  echo "[gpu_check] ${name} ..." >&2
-  timeout "${stage_timeout}" "$@" > "${log}.out" 2> "${log}"
+  limit=$(( deadline - (start - script_start) ))
+  (( limit > stage_timeout )) && limit="${stage_timeout}"
+  if (( limit < 20 )); then
+    echo "{\"stage\": \"${name}\", \"failed\": \"skipped: the script's DEADLINE of ${deadline} s was spent\"}" \
+        >> "${results}"
+    return
+  fi
+  echo "[gpu_check] ${name} (at most ${limit} s) ..." >&2
+  timeout "${limit}" "$@" > "${log}.out" 2> "${log}"
   rc=$?
   "${python}" - "${name}" "${rc}" "$(( $(date +%s) - start ))" "${log}.out" "${log}" \
       >> "${results}" <<'PY'
@@ -104,6 +128,7 @@ PY
 }
 
 not_available() {
+  [[ -n "${only}" && ",${only}," != *",$1,"* ]] && return
   echo "{\"stage\": \"$1\", \"not_available\": \"$2\"}" >> "${results}"
 }
 
@@ -122,12 +147,16 @@ run_stage train_step/base "${python}" bench/train_step.py "${clip[@]}" "${steps[
     --config.model.scan=False --config.model.remat=False
 run_stage train_step/scan_remat "${python}" bench/train_step.py "${clip[@]}" "${steps[@]}" \
     --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch
+run_stage attention_parity "${python}" bench/attention_parity.py "${parity[@]}"
 run_stage train_step/flash_attention "${python}" bench/train_step.py "${clip[@]}" "${steps[@]}" \
     --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch \
     "--config.model.attention=${flash}"
+run_stage attention_ab "${python}" bench/option_ab.py "${clip[@]}" "${ab[@]}" \
+    --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch \
+    --variant=einsum "--variant=${flash}:config.model.attention=${flash}"
+run_stage decode "${python}" bench/decode.py "${coca[@]}"
 run_stage matmul_floor "${python}" bench/matmul_floor.py "${clip[@]}" "${floor[@]}" \
     --config.model.scan=False --config.model.remat=False   # the floor counts a straight line
-run_stage decode "${python}" bench/decode.py "${coca[@]}"
 # The non-finite guard: the update inside lax.cond (default; on a GPU its predicate is read on
 # the host) against jnp.where over an always-computed update (copies of the moments).
 run_stage nonfinite_guard "${python}" bench/option_ab.py "${clip[@]}" "${ab[@]}" \

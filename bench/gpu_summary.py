@@ -9,7 +9,8 @@ COLUMNS = (("samples_per_s", "samples/s"), ("tflops_per_device", "TFLOP/s/dev"),
            ("peak_memory_gib", "peak GiB"), ("compile_s", "compile s"),
            ("xla_floor_s", "matmul floor s"), ("max_samples_per_s_xla", "floor samples/s"),
            ("captions_per_s", "captions/s"), ("ms_per_token", "ms/token"),
-           ("median_step_s", "step s"), ("speedup", "speedup"))
+           ("median_step_s", "step s"), ("speedup", "speedup"),
+           ("max_abs_diff_out", "max |diff| out"), ("max_abs_diff_grad", "max |diff| grad"))
 
 
 def fmt(value):
@@ -32,7 +33,9 @@ def rows(records):
       r = {**r, "peak_memory_gib": r["peak_memory_bytes"] / 2**30}
     setting = ", ".join(f"{k}={r[k]}" for k in ("batch_size", "beam", "max_len", "batch",
                                                 "variant") if k in r)
-    note = r.get("failed") or r.get("not_available") or ""
+    if "mask" in r:   # attention_parity
+      setting = f"impl={r.get('impl')}, mask={r['mask']}"
+    note = r.get("failed") or r.get("not_available") or r.get("error") or ""
     if r.get("failed") and r.get("error_tail"):
       note += ": " + r["error_tail"][-1][:120]
     yield (f"| {r['stage']} | {setting} | " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS)

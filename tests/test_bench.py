@@ -354,12 +354,22 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
   for r in records:
     by_stage.setdefault(r["stage"], []).append(r)
   assert set(by_stage) == {"env", "train_step/base", "train_step/scan_remat",
-                           "train_step/flash_attention", "matmul_floor", "decode",
-                           "nonfinite_guard", "prefix_lm_step"}
+                           "attention_parity", "train_step/flash_attention", "attention_ab",
+                           "matmul_floor",
+                           "decode", "nonfinite_guard", "prefix_lm_step"}
   assert by_stage["env"][0]["devices"] == 2
   for stage in ("train_step/base", "train_step/scan_remat"):
     assert by_stage[stage][0]["samples_per_s"] > 0 and by_stage[stage][0]["mfu"] > 0
   assert by_stage["matmul_floor"][0]["xla_floor_s"] > 0
+  # Fused attention against the fp32 reference rounds no worse than the bf16 einsum path does.
+  parity = {(r["impl"], r["mask"]): r for r in by_stage["attention_parity"]}
+  assert {impl for impl, _ in parity} == {"einsum", "xla"} and len(parity) == 6
+  for (impl, mask), r in parity.items():
+    assert 0 < r["max_abs_diff_out"] <= 1.5 * parity["einsum", mask]["max_abs_diff_out"] + 1e-3
+    assert 0 < r["max_abs_diff_grad"] <= 1.5 * parity["einsum", mask]["max_abs_diff_grad"] + 1e-2
+  attention = {r["variant"]: r for r in by_stage["attention_ab"]}
+  assert set(attention) == {"einsum", "xla"}
+  assert attention["xla"]["loss"] == pytest.approx(attention["einsum"]["loss"], rel=1e-4)
   decode = {(r["beam"], r["max_len"]): r for r in by_stage["decode"]}
   assert set(decode) == {(1, 4), (1, 8), (2, 4), (2, 8)}
   assert all(r["captions_per_s"] > 0 and r["ms_per_token"] > 0 for r in decode.values())
@@ -375,6 +385,20 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
   summary = (tmp_path / "summary.md").read_text().splitlines()
   assert summary[0].startswith("jax ") and len([l for l in summary if l.startswith("| ")]) == \
       1 + len(records) - 1       # the header row, then one row per result (env is the title)
+
+
+def test_gpu_check_deadline_skips_what_it_cannot_finish_and_only_runs_the_named(tmp_path):
+  """With the script's DEADLINE spent, every stage is recorded as skipped (none is started);
+  --only limits the run to the stages it names."""
+  env = {**_env(), "PYTHON": sys.executable, "DEADLINE": "0"}
+  proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--out", str(tmp_path),
+                         "--only", "decode,matmul_floor"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(l) for l in open(tmp_path / "results.jsonl")]
+  assert [r["stage"] for r in records] == ["env", "matmul_floor", "decode"] or \
+      [r["stage"] for r in records] == ["env", "decode", "matmul_floor"]
+  assert all("skipped: the script's DEADLINE of 0 s" in r["failed"] for r in records[1:])
 
 
 def test_gpu_check_without_an_accelerator_refuses_at_once(tmp_path):

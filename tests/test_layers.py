@@ -148,6 +148,27 @@ def test_dot_product_attention_matches_the_einsum_reference():
         attention="flash")))
 
 
+def test_fused_attention_padding_to_even_lengths_changes_nothing():
+  """The 'cudnn' path pads odd lengths (a ViT's 197 tokens) to a multiple of 2 and masks the
+  padding by sequence lengths; here through XLA's implementation, which takes the same
+  arguments: outputs and gradients equal the unpadded call, with a mask and without."""
+  q = jax.random.normal(jax.random.key(6), (2, 7, 2, 8))
+  kv = jax.random.normal(jax.random.key(7), (2, 2, 5, 2, 8))
+  mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)[:, None, None, :]
+  for m in (mask, None):
+    def loss(q, k, v, pad_to, m=m):
+      out = layers.fused_attention(q, k, v, m, "xla", pad_to=pad_to)
+      return jnp.sum(jnp.sin(out)), out
+    (_, plain), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, *kv, 1)
+    for pad_to in (2, 8):
+      (_, padded), padded_grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+          q, *kv, pad_to)
+      assert padded.shape == plain.shape == (2, 7, 2, 8)
+      np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-6)
+      for g, pg in zip(grads, padded_grads):
+        np.testing.assert_allclose(pg, g, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_compute_keeps_fp32_params():
   enc = layers.Encoder(**ENC, dtype=jnp.bfloat16)
   x = jnp.ones((1, 4, 16), jnp.bfloat16)

@@ -178,11 +178,9 @@ class Attention(nn.Module):
       probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
       out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     else:
-      if mask is not None:
-        mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
-      out = jax.nn.dot_product_attention(
-          q, k, v, mask=mask, scale=head_dim ** -0.5,
-          implementation=ATTENTION_IMPLS[self.impl]).astype(self.dtype)
+      out = fused_attention(q, k, v, mask, ATTENTION_IMPLS[self.impl],
+                            pad_to=CUDNN_LENGTH_MULTIPLE if self.impl == "cudnn" else 1)
+      out = out.astype(self.dtype)
     out = nn.with_logical_constraint(out, qkv_axes)
     out = Projection((self.out_features or width,), (HEADS, KV, "embed"), in_dims=2,
                      use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
@@ -317,6 +315,36 @@ def encoder_flops(tokens: int, width: int, depth: int, mlp: int, causal: bool) -
 # dimension (MaxText's 'minimal').
 # model.attention -> the `implementation` of jax.nn.dot_product_attention ('einsum': our own).
 ATTENTION_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn"}
+
+# cuDNN's fused attention refuses to differentiate odd sequence lengths ("Unsupported sequence
+# length Q 197, KV 197", seen with jax 0.11.2: its training rule treats every call as having a
+# bias, and with a bias cuDNN needs even lengths), which is every ViT with a class token. So the
+# 'cudnn' path pads queries and keys to an even length and masks the padding by sequence lengths.
+CUDNN_LENGTH_MULTIPLE = 2
+
+
+def fused_attention(q: Array, k: Array, v: Array, mask: Optional[Array], implementation: str,
+                    pad_to: int = 1) -> Array:
+  """`jax.nn.dot_product_attention` on [batch, length, heads, head_dim] inputs, scaled by
+  head_dim^-0.5. mask: boolean, broadcastable to [batch, heads, q_len, kv_len].
+
+  pad_to > 1 pads both lengths up to a multiple of it: padded keys are masked out through
+  `key_value_seq_lengths` (and padded query rows dropped), so the result is the unpadded one."""
+  batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (batch, 1, q_len, kv_len))
+  q_pad, kv_pad = -q_len % pad_to, -kv_len % pad_to
+  lengths = {}
+  if q_pad or kv_pad:
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+    q, k, v = pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad)
+    if mask is not None:   # the padding itself is masked by the lengths below
+      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad), (0, kv_pad)), constant_values=True)
+    lengths = dict(query_seq_lengths=jnp.full((batch,), q_len, jnp.int32),
+                   key_value_seq_lengths=jnp.full((batch,), kv_len, jnp.int32))
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5,
+                                     implementation=implementation, **lengths)
+  return out[:, :q_len]
 
 REMAT_POLICIES = {
     "full": None,
