@@ -23,13 +23,15 @@
 #   matmul_floor           every matmul of the base step alone: how close the step is to the GEMMs
 #   nonfinite_guard        the recipe's step with the NaN guard as lax.cond (default) against
 #                          jnp.where, alternating in one process (bench/option_ab.py)
-#   (planned: the prefix-LM step; recorded as not available yet)
+#   train_step/prefix_lm   the PaliGemma-shaped prefix-LM step (configs/bench_prefixlm.py: ViT-B/16
+#                          + a 246 M Llama-style LM over 196 image + 64 text positions)
+#   prefix_lm_attention_ab that step with einsum against cuDNN attention, alternating
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), BATCH (global batch of
 # the train step, default 128: without remat the step holds about 0.5 GiB of activations an
 # example, by bench/memory.py), STAGE_TIMEOUT (seconds per stage, default 150), DEADLINE (seconds
 # for the whole script, default 480: a stage gets at most what is left, and one that would get
-# under 20 s is recorded as skipped), JAX_COMPILATION_CACHE_DIR (default OUT/jax_cache: stages
-# that compile the same step reuse it). The stages import
+# under 20 s is recorded as skipped), JAX_COMPILATION_CACHE_DIR (default OUT/jax_cache, not in a
+# dry run: stages that compile the same step reuse it). The stages import
 # jax, flax, optax, orbax-checkpoint, chex and ml-collections (no TensorFlow, no data).
 set -uo pipefail
 
@@ -60,7 +62,6 @@ stage_timeout="${STAGE_TIMEOUT:-150}"
 deadline="${DEADLINE:-480}"
 script_start=$(date +%s)
 mkdir -p "${out}"
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${out}/jax_cache}"
 results="${out}/results.jsonl"
 : > "${results}"
 cd "${root}" || exit 1
@@ -76,7 +77,9 @@ if ((!dry_run)); then
 fi
 
 if ((dry_run)); then
+  # (no compilation cache here: a multi-device CPU step loaded from it can deadlock, README)
   clip=(--config=configs/bench_cpu_clip.py:tiny --config.batch_size=4)
+  prefixlm=(--config=configs/bench_prefixlm.py:tiny --config.batch_size=4)
   steps=(--steps=2 --warmup=1)
   coca=(--config=configs/shapes_coca.py:tiny --batch=2 "--lengths=4,8" "--beams=1,2" --repeats=1
         --config.model.scan=True --config.model.remat=True   # as coca_vit_b32 runs
@@ -87,11 +90,13 @@ if ((dry_run)); then
   parity=(--impls=xla --batch=2 --heads=2)
 else
   clip=(--config=configs/bench_vit_b16_clip.py "--config.batch_size=${BATCH:-128}")
+  prefixlm=(--config=configs/bench_prefixlm.py "--config.batch_size=${BATCH:-128}")
   steps=(--steps=10 --warmup=3)
   coca=(--config=configs/coca_vit_b32.py --batch=32 "--lengths=8,32,64" "--beams=1,3" --repeats=3)
   floor=(--repeats=3 --torch=false)
   ab=(--rounds=3 --steps_per_round=2)
   flash=cudnn
+  export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${out}/jax_cache}"
   parity=("--impls=xla,cudnn")
 fi
 
@@ -127,11 +132,6 @@ else:
 PY
 }
 
-not_available() {
-  [[ -n "${only}" && ",${only}," != *",$1,"* ]] && return
-  echo "{\"stage\": \"$1\", \"not_available\": \"$2\"}" >> "${results}"
-}
-
 "${python}" - >> "${results}" <<'PY'
 import json, platform, subprocess
 import jax
@@ -144,24 +144,29 @@ print(json.dumps({"stage": "env", "jax": jax.__version__, "backend": jax.default
                   "python": platform.python_version()}))
 PY
 run_stage train_step/base "${python}" bench/train_step.py "${clip[@]}" "${steps[@]}" \
-    --config.model.scan=False --config.model.remat=False
+    --config.model.scan=False --config.model.remat=False --config.model.attention=einsum
 run_stage train_step/scan_remat "${python}" bench/train_step.py "${clip[@]}" "${steps[@]}" \
-    --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch
+    --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch \
+    --config.model.attention=einsum
 run_stage attention_parity "${python}" bench/attention_parity.py "${parity[@]}"
 run_stage train_step/flash_attention "${python}" bench/train_step.py "${clip[@]}" "${steps[@]}" \
     --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch \
     "--config.model.attention=${flash}"
 run_stage attention_ab "${python}" bench/option_ab.py "${clip[@]}" "${ab[@]}" \
     --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch \
-    --variant=einsum "--variant=${flash}:config.model.attention=${flash}"
+    --variant=einsum:config.model.attention=einsum "--variant=${flash}:config.model.attention=${flash}"
 run_stage decode "${python}" bench/decode.py "${coca[@]}"
+# The floor times each matmul of a straight-line (unscanned, einsum-attention) step alone.
 run_stage matmul_floor "${python}" bench/matmul_floor.py "${clip[@]}" "${floor[@]}" \
-    --config.model.scan=False --config.model.remat=False   # the floor counts a straight line
+    --config.model.scan=False --config.model.remat=False --config.model.attention=einsum
 # The non-finite guard: the update inside lax.cond (default; on a GPU its predicate is read on
 # the host) against jnp.where over an always-computed update (copies of the moments).
 run_stage nonfinite_guard "${python}" bench/option_ab.py "${clip[@]}" "${ab[@]}" \
     --config.model.scan=True --config.model.remat=True --config.model.remat_policy=dots_no_batch \
+    --config.model.attention=einsum \
     --variant=cond --variant=select:config.nonfinite_guard=select
-not_available prefix_lm_step "no full-size prefix-LM benchmark config yet (only configs/shapes_prefixlm.py)"
+run_stage train_step/prefix_lm "${python}" bench/train_step.py "${prefixlm[@]}" "${steps[@]}"
+run_stage prefix_lm_attention_ab "${python}" bench/option_ab.py "${prefixlm[@]}" "${ab[@]}" \
+    --variant=einsum:config.model.attention=einsum "--variant=${flash}:config.model.attention=${flash}"
 
 "${python}" "${here}/gpu_summary.py" "${results}" | tee "${out}/summary.md"

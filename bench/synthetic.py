@@ -40,10 +40,36 @@ def make_batch(batch_size: int, image_size: int, context_length: int, vocab_size
 
 
 def config_batch(config, seed: int = 0) -> dict:
-  """`make_batch` at the sizes of a benchmark config (batch, image size, context, vocabulary)."""
+  """`make_batch` at the sizes of a benchmark config (batch, image size, context, vocabulary);
+  a prefix-LM config gets the fields of its task instead (`prefix_lm_batch`)."""
   m = config.model
+  if config.get("task") == "prefix_lm":
+    return prefix_lm_batch(config.batch_size, m.image.image_size, m.context_length,
+                           m.lm.vocab_size, seed)
   return make_batch(config.batch_size, m.image.image_size, m.text.context_length,
                     m.text.vocab_size, seed)
+
+
+def prefix_lm_batch(batch_size: int, image_size: int, context_length: int, vocab_size: int,
+                    seed: int = 0) -> dict:
+  """A prefix-LM batch (`ops.PrefixLMText`'s fields): rows `prompt bos answer eos pad`, half of
+  them questions (a prompt of L/4 tokens), half captions (no prompt); the answer's tokens and
+  eos are the targets."""
+  batch = make_batch(batch_size, image_size, context_length, vocab_size, seed)
+  text = batch["text"]    # bos t ... eos pad: as a caption row
+  is_vqa = np.arange(batch_size) % 2 == 1
+  prompt_len = np.where(is_vqa, context_length // 4, 0).astype(np.int32)
+  rng = np.random.default_rng(seed + 1)
+  for i in np.flatnonzero(is_vqa):   # prompt tokens in front; the row keeps its length L
+    row = np.concatenate([rng.integers(2, vocab_size - 1, prompt_len[i]), text[i]])
+    text[i] = row[:context_length]
+    if text[i, -1] not in (PAD_ID, vocab_size - 1):
+      text[i, -1] = vocab_size - 1
+  positions = np.arange(context_length)[None, :]
+  target_mask = (positions > prompt_len[:, None]) & (text != PAD_ID)
+  return {"image": batch["image"], "text": text, "prompt_len": prompt_len,
+          "target_mask": target_mask, "is_vqa": is_vqa,
+          "truncated": np.zeros((batch_size,), bool)}
 
 
 def eos_id(vocab_size: int) -> int:

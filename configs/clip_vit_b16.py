@@ -19,7 +19,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.task = "contrastive"
   c.model = dict(
-      embed_dim=512, remat=True, scan=True, remat_policy="dots_no_batch",
+      embed_dim=512, remat=True, scan=True, remat_policy="dots_no_batch", attention="auto",
       image=dict(name="vit", variant="B/16", image_size=224, pool="cls", class_token=True,
                  ln_pre=True, patch_bias=False, ln_eps=1e-5),  # OpenAI conv1 has no bias
       text=dict(name="transformer", vocab_size=49408, context_length=77, width=512, depth=12,

@@ -19,7 +19,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.task = "coca"
   c.model = dict(
-      embed_dim=512, remat=True, scan=True, remat_policy="dots_no_batch",
+      embed_dim=512, remat=True, scan=True, remat_policy="dots_no_batch", attention="auto",
       image=dict(name="vit", variant="B/32", image_size=224, pool="map", ln_pre=True,
                  ln_eps=1e-5),
       text=dict(name="transformer", vocab_size=49408, context_length=76, width=512, depth=12,

@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.task = "contrastive"
   c.model = dict(
       embed_dim=768, image_proj=False, proj_bias=True,
-      remat=True, scan=True, remat_policy="dots_no_batch",
+      remat=True, scan=True, remat_policy="dots_no_batch", attention="auto",
       logit_scale_init=math.log(10.0), logit_bias_init=-10.0,
       image=dict(name="vit", variant="B/16", image_size=224, pool="map", act="gelu_tanh"),
       text=dict(name="transformer", vocab_size=32_000, context_length=64, width=768, depth=12,

@@ -356,9 +356,10 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
   assert set(by_stage) == {"env", "train_step/base", "train_step/scan_remat",
                            "attention_parity", "train_step/flash_attention", "attention_ab",
                            "matmul_floor",
-                           "decode", "nonfinite_guard", "prefix_lm_step"}
+                           "decode", "nonfinite_guard", "train_step/prefix_lm",
+                           "prefix_lm_attention_ab"}
   assert by_stage["env"][0]["devices"] == 2
-  for stage in ("train_step/base", "train_step/scan_remat"):
+  for stage in ("train_step/base", "train_step/scan_remat", "train_step/prefix_lm"):
     assert by_stage[stage][0]["samples_per_s"] > 0 and by_stage[stage][0]["mfu"] > 0
   assert by_stage["matmul_floor"][0]["xla_floor_s"] > 0
   # Fused attention against the fp32 reference rounds no worse than the bf16 einsum path does.
@@ -367,9 +368,10 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
   for (impl, mask), r in parity.items():
     assert 0 < r["max_abs_diff_out"] <= 1.5 * parity["einsum", mask]["max_abs_diff_out"] + 1e-3
     assert 0 < r["max_abs_diff_grad"] <= 1.5 * parity["einsum", mask]["max_abs_diff_grad"] + 1e-2
-  attention = {r["variant"]: r for r in by_stage["attention_ab"]}
-  assert set(attention) == {"einsum", "xla"}
-  assert attention["xla"]["loss"] == pytest.approx(attention["einsum"]["loss"], rel=1e-4)
+  for stage in ("attention_ab", "prefix_lm_attention_ab"):
+    attention = {r["variant"]: r for r in by_stage[stage]}
+    assert set(attention) == {"einsum", "xla"}
+    assert attention["xla"]["loss"] == pytest.approx(attention["einsum"]["loss"], rel=1e-4)
   decode = {(r["beam"], r["max_len"]): r for r in by_stage["decode"]}
   assert set(decode) == {(1, 4), (1, 8), (2, 4), (2, 8)}
   assert all(r["captions_per_s"] > 0 and r["ms_per_token"] > 0 for r in decode.values())

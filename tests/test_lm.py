@@ -44,6 +44,44 @@ def test_prefill_then_steps_equal_the_full_forward_pass(style):
   np.testing.assert_allclose(jnp.stack(steps, 1), full[:, P - 1:P + G - 1], atol=2e-5)
 
 
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_fused_attention_lm_equals_the_einsum_lm(style):
+  """model.attention='xla' (jax.nn.dot_product_attention; grouped key/value heads passed as they
+  are): the prefix-LM forward pass, its gradients and KV-cached decoding equal the einsum path."""
+  ref, fused = _model(style), _model(style, attention="xla")
+  prefix, tokens = _inputs()
+  params = ref.init(jax.random.key(0), tokens, prefix=prefix)["params"]
+  prefix_len = jnp.full((B,), N + P)
+  apply = lambda m, p: m.apply({"params": p}, tokens, prefix=prefix, prefix_len=prefix_len)
+  np.testing.assert_allclose(apply(fused, params), apply(ref, params), atol=2e-5)
+  loss = lambda m: jax.grad(lambda p: jnp.sum(jnp.sin(apply(m, p))))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), loss(fused),
+               loss(ref))
+  cache = lm.init_cache(fused, params, dict(tokens=jnp.zeros((B, P + 2), jnp.int32),
+                                            prefix=prefix))
+  _, mut = fused.apply({"params": params, "cache": cache}, tokens[:, :P], prefix=prefix,
+                       prefix_len=prefix_len, decode=True, mutable=["cache"])
+  step, _ = fused.apply({"params": params, "cache": mut["cache"]}, tokens[:, P:P + 1],
+                        decode=True, mutable=["cache"])
+  np.testing.assert_allclose(step[:, 0], apply(ref, params)[:, P], atol=2e-5)
+
+
+def test_auto_attention_is_cudnn_only_where_it_runs():
+  resolve = layers.resolve_attention
+  assert resolve("auto", jnp.bfloat16, 64, 197, backend="gpu") == "cudnn"
+  assert resolve("auto", jnp.bfloat16, 64, 1, backend="gpu") == "einsum"    # a decoding step
+  assert resolve("auto", jnp.float32, 64, 197, backend="gpu") == "einsum"
+  assert resolve("auto", jnp.bfloat16, 160, 197, backend="gpu") == "einsum"
+  assert resolve("auto", jnp.bfloat16, 64, 197, backend="tpu") == "einsum"
+  assert resolve("xla", jnp.float32, 64, 1, backend="cpu") == "xla"
+  # On this CPU 'auto' builds the reference model: the same outputs as 'einsum', bit for bit.
+  prefix, tokens = _inputs()
+  auto, ref = _model("llama", attention="auto"), _model("llama")
+  params = ref.init(jax.random.key(0), tokens, prefix=prefix)["params"]
+  np.testing.assert_array_equal(auto.apply({"params": params}, tokens, prefix=prefix),
+                                ref.apply({"params": params}, tokens, prefix=prefix))
+
+
 def test_left_padded_prompt_predicts_like_an_unpadded_one():
   # Llama-style: rotary positions make a shifted position id visible in every attention score.
   m = _model("llama")

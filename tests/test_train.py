@@ -60,7 +60,7 @@ CONFIGS = ["shapes_coca", "shapes_clip", "shapes_siglip", "shapes_captioning", "
            "shapes_prefixlm", "shapes_bert_mlm", "shapes_lstm_caption", "shapes_fusion_vqa",
            "shapes_fusion_itm", "shapes_resnet_clip", "shapes_resnet_classify",
            "clip_vit_b16", "siglip_vit_b16", "coca_vit_b32",
-           "bench_cpu_clip", "bench_vit_b16_clip"]
+           "bench_cpu_clip", "bench_vit_b16_clip", "bench_prefixlm"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

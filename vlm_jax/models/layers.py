@@ -168,7 +168,8 @@ class Attention(nn.Module):
     if decode and context is None:
       k, v, mask = self._update_cache(k, v, mask)
 
-    if self.impl == "einsum":
+    impl = resolve_attention(self.impl, self.dtype, head_dim, q.shape[1])
+    if impl == "einsum":
       # Logits and softmax in float32 for stability, whatever the compute dtype.
       q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -178,9 +179,7 @@ class Attention(nn.Module):
       probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
       out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     else:
-      out = fused_attention(q, k, v, mask, ATTENTION_IMPLS[self.impl],
-                            pad_to=CUDNN_LENGTH_MULTIPLE if self.impl == "cudnn" else 1)
-      out = out.astype(self.dtype)
+      out = fused_attention(q, k, v, mask, impl).astype(self.dtype)
     out = nn.with_logical_constraint(out, qkv_axes)
     out = Projection((self.out_features or width,), (HEADS, KV, "embed"), in_dims=2,
                      use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
@@ -314,7 +313,22 @@ def encoder_flops(tokens: int, width: int, depth: int, mlp: int, causal: bool) -
 # forward); 'dots' keeps every matmul output; 'dots_no_batch' keeps the matmuls without a batch
 # dimension (MaxText's 'minimal').
 # model.attention -> the `implementation` of jax.nn.dot_product_attention ('einsum': our own).
-ATTENTION_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn"}
+# 'auto' resolves per call site (`resolve_attention`): cuDNN where it runs, else the reference.
+ATTENTION_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn", "auto": None}
+
+
+def resolve_attention(impl: str, dtype, head_dim: int, query_length: int,
+                      backend: Optional[str] = None) -> str:
+  """The implementation an attention layer runs: `impl`, except that 'auto' becomes 'cudnn' on
+  a GPU when cuDNN's flash kernel takes the call (bf16 / fp16, head size a multiple of 8 and
+  <= 128) and the query is more than one token, and 'einsum' otherwise (CPU, TPU, float32, and
+  decoding steps: on an H200, CoCa's KV-cached decoding ran 1.3x slower with cuDNN)."""
+  if impl != "auto":
+    return impl
+  backend = backend or jax.default_backend()
+  fits = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and head_dim % 8 == 0 and head_dim <= 128 and query_length > 1)
+  return "cudnn" if backend == "gpu" and fits else "einsum"
 
 # cuDNN's fused attention refuses to differentiate odd sequence lengths ("Unsupported sequence
 # length Q 197, KV 197", seen with jax 0.11.2: its training rule treats every call as having a
@@ -323,13 +337,17 @@ ATTENTION_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn"}
 CUDNN_LENGTH_MULTIPLE = 2
 
 
-def fused_attention(q: Array, k: Array, v: Array, mask: Optional[Array], implementation: str,
-                    pad_to: int = 1) -> Array:
-  """`jax.nn.dot_product_attention` on [batch, length, heads, head_dim] inputs, scaled by
-  head_dim^-0.5. mask: boolean, broadcastable to [batch, heads, q_len, kv_len].
+def fused_attention(q: Array, k: Array, v: Array, mask: Optional[Array], impl: str,
+                    pad_to: Optional[int] = None) -> Array:
+  """`jax.nn.dot_product_attention` (impl 'xla' or 'cudnn') on [batch, length, heads, head_dim]
+  inputs, scaled by head_dim^-0.5; k / v may have fewer heads than q (grouped-query attention).
+  mask: boolean, broadcastable to [batch, 1, q_len, kv_len].
 
-  pad_to > 1 pads both lengths up to a multiple of it: padded keys are masked out through
-  `key_value_seq_lengths` (and padded query rows dropped), so the result is the unpadded one."""
+  pad_to (default: CUDNN_LENGTH_MULTIPLE for 'cudnn', else 1) > 1 pads both lengths up to a
+  multiple of it: padded keys are masked out through `key_value_seq_lengths` (and padded query
+  rows dropped), so the result is the unpadded one."""
+  if pad_to is None:
+    pad_to = CUDNN_LENGTH_MULTIPLE if impl == "cudnn" else 1
   batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
   if mask is not None:
     mask = jnp.broadcast_to(mask, (batch, 1, q_len, kv_len))
@@ -343,7 +361,7 @@ def fused_attention(q: Array, k: Array, v: Array, mask: Optional[Array], impleme
     lengths = dict(query_seq_lengths=jnp.full((batch,), q_len, jnp.int32),
                    key_value_seq_lengths=jnp.full((batch,), kv_len, jnp.int32))
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5,
-                                     implementation=implementation, **lengths)
+                                     implementation=ATTENTION_IMPLS[impl], **lengths)
   return out[:, :q_len]
 
 REMAT_POLICIES = {

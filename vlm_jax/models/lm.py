@@ -70,6 +70,7 @@ class LMAttention(nn.Module):
   decode: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "einsum"   # layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array, cache_index: Array) -> Array:
@@ -88,14 +89,19 @@ class LMAttention(nn.Module):
     q = nn.with_logical_constraint(q, axes)
     if self.decode:
       k, v = self._cached(k, v, cache_index)
-    groups = self.num_heads // self.num_kv_heads
-    if groups > 1:   # every key/value head serves `groups` query heads
-      k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
+    impl = layers.resolve_attention(self.attention, self.dtype, head_dim, q.shape[1])
+    if impl != "einsum":   # the fused kernels take grouped key/value heads as they are
+      out = layers.fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl)
+      out = out.astype(self.dtype)
+    else:
+      groups = self.num_heads // self.num_kv_heads
+      if groups > 1:   # every key/value head serves `groups` query heads
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+      q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
     out = nn.with_logical_constraint(out, axes)
     out = layers.Projection((width,), (layers.HEADS, layers.KV, "embed"), in_dims=2,
                             name="out", **kw)(out)
@@ -151,6 +157,7 @@ class LMBlock(nn.Module):
   decode: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "einsum"
   scan_carry: bool = False
 
   @nn.compact
@@ -161,8 +168,8 @@ class LMBlock(nn.Module):
     x = nn.with_logical_constraint(x, layers.ACT_AXES)
     y = _norm(self.style, "norm_1", self.norm_eps, **kw)(x)
     y = LMAttention(self.num_heads, self.num_kv_heads, use_bias=gpt2, rotary=not gpt2,
-                    rope_theta=self.rope_theta, decode=self.decode, name="attn",
-                    **kw)(y, mask, positions, cache_index)
+                    rope_theta=self.rope_theta, decode=self.decode, attention=self.attention,
+                    name="attn", **kw)(y, mask, positions, cache_index)
     x = x + drop(y)
     y = _norm(self.style, "norm_2", self.norm_eps, **kw)(x)
     if gpt2:
@@ -201,6 +208,7 @@ class LM(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool | str = False
   scan: bool = False
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, tokens: Array, *, prefix: Optional[Array] = None,
@@ -258,7 +266,8 @@ class LM(nn.Module):
         LMBlock, self.depth, x, mask, positions, offset, remat=self.remat, scan=self.scan,
         style=self.style, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
         mlp_dim=self.mlp_dim, norm_eps=self.norm_eps, rope_theta=self.rope_theta, act=self.act,
-        dropout=self.dropout, deterministic=not train, decode=decode, **kw)
+        dropout=self.dropout, deterministic=not train, decode=decode, attention=self.attention,
+        **kw)
     x = _norm(self.style, "final_norm", self.norm_eps, **kw)(x[:, n:])
     if self.tie_embeddings:
       logits = embed.attend(x)
@@ -337,8 +346,7 @@ def from_config(cfg, *, vocab_size: int, max_length: int, dtype: Dtype = jnp.flo
                 param_dtype: Dtype = jnp.float32, remat: bool | str = False, scan: bool = False,
                 attention: str = "einsum", name=None) -> LM:
   """The LM of `model.lm` for `vocab_size` ids and sequences of up to `max_length` positions
-  (prefix included). `attention` is accepted for the registry's signature (einsum only here)."""
-  del attention
+  (prefix included)."""
   problems = validate(cfg)
   if problems:
     raise ValueError("; ".join(problems))
@@ -349,7 +357,7 @@ def from_config(cfg, *, vocab_size: int, max_length: int, dtype: Dtype = jnp.flo
             num_kv_heads=int(cfg.get("num_kv_heads") or cfg.num_heads), mlp_dim=int(cfg.mlp_dim),
             style=cfg.style, norm_eps=float(cfg.norm_eps), rope_theta=float(cfg.rope_theta),
             tie_embeddings=tied(cfg), act=cfg.act, dropout=float(cfg.dropout), dtype=dtype,
-            param_dtype=param_dtype, remat=remat, scan=scan, name=name)
+            param_dtype=param_dtype, remat=remat, scan=scan, attention=attention, name=name)
 
 
 def forward_flops(cfg, *, vocab_size: int, length: int) -> float:
