@@ -87,6 +87,10 @@ def data_config() -> ml_collections.ConfigDict:
   c.label_key = "label"          # '' = no label
   c.id_key = "id"                # record id for logs; coco_captions: 'image/filename'; '' = index
   c.questions_key = ""           # VQA questions + answers (shapes: 'questions'); '' = none
+  # Retrieval-augmented captioning (prefix_lm): `python -m vlm_jax.index neighbours` output for
+  # the training images; each caption's prompt is its image's first neighbours_k captions.
+  c.neighbours = placeholder(str)
+  c.neighbours_k = 3
   # WebDataset-style tar shards: brace and/or glob patterns, e.g. 'shards/{00000..00099}.tar'.
   c.train_shards = placeholder(str)
   c.eval_shards = placeholder(str)

@@ -238,9 +238,13 @@ def _write_shard(out_dir, i, source, rows, images, texts, what, max_captions):
   lines = []
   for r in rows:
     raw = source[int(r)]
-    captions = []
-    if "texts" in what:
+    # Kept with image vectors too: an image index is a datastore of these captions.
+    try:
       captions = ops.clean_captions(raw.get("captions"))[:max_captions]
+    except ops.BadExample:
+      if "texts" in what:
+        raise
+      captions = []
     lines.append(json.dumps({"row": int(r), "key": str(raw.get("key", r)),
                              "captions": captions}))
   if "images" in what:

@@ -71,25 +71,36 @@ def build(embeddings: str, kind: str, out: str, *, approximate: bool = False, nl
 
 def neighbours(index: search.Index, embeddings: str, k: int, out: str,
                block: int = 4096) -> int:
-  """For each image of `embeddings`, the `k` best captions of `index` that are not its own,
-  written to `out` (JSON lines, in the embeddings' order); returns the number of images."""
-  if index.kind != "texts":
-    raise ValueError(f"neighbours: {index.path} indexes {index.kind}; it must be a caption "
-                     "index (`index build --kind texts`)")
+  """For each image of `embeddings`, `k` retrieved captions that are not its own, written to
+  `out` (JSON lines, in the embeddings' order); returns the number of images.
+
+  A caption index (`--kind texts`) gives the k captions nearest to the image (SmallCap's
+  image-to-text retrieval); an image index (`--kind images`) the first caption of each of the k
+  nearest other images, so a datastore of the same images with other captions (another
+  style, another language) changes the words retrieved and not which images they describe."""
+  if index.kind not in ("texts", "images"):
+    raise ValueError(f"neighbours: {index.path} indexes {index.kind}; it must be a caption or "
+                     "an image index (`index build --kind texts|images`)")
   vectors, rows, manifest = embed_lib.read(embeddings, "images")
   search.check_model(index.model, manifest["model"], index.path or "the index")
   if len(index) == 0:
-    raise ValueError(f"neighbours: {index.path} holds no captions")
-  # An image has at most max_captions captions in a datastore made by vlm_jax.embed; fetching
-  # that many more than k leaves k after its own are dropped (fewer only if the store is small).
-  fetch = min(len(index), k + int(manifest.get("max_captions", 5)))
+    raise ValueError(f"neighbours: {index.path} holds no {index.kind}: an empty datastore")
+  if index.kind == "texts":
+    # An image has at most max_captions captions in a datastore made by vlm_jax.embed; fetching
+    # that many more than k leaves k after its own are dropped (fewer only if it is small).
+    fetch = min(len(index), k + int(manifest.get("max_captions", 5)))
+    own = lambda hit_row, image: hit_row.get("image") == image
+    hit = lambda r, s: dict(id=r["id"], caption=r["caption"], score=float(s))
+  else:
+    fetch = min(len(index), k + 1)      # the image itself, when it is in the datastore
+    own = lambda hit_row, image: hit_row["id"] == image or not hit_row.get("captions")
+    hit = lambda r, s: dict(id=r["id"], caption=r["captions"][0], score=float(s))
   lines = []
   for start in range(0, len(rows), block):
     scores, positions = index.search(vectors[start:start + block], fetch)
     for row, score_row, position_row in zip(rows[start:start + block], scores, positions):
-      hits = [dict(id=index.rows[p]["id"], caption=index.rows[p]["caption"], score=float(s))
-              for s, p in zip(score_row, position_row)
-              if p >= 0 and index.rows[p].get("image") != row["id"]][:k]
+      hits = [hit(index.rows[p], s) for s, p in zip(score_row, position_row)
+              if p >= 0 and not own(index.rows[p], row["id"])][:k]
       lines.append(json.dumps({"id": row["id"], "neighbours": hits}))
   from vlm_jax import files  # pylint: disable=g-import-not-at-top
   files.write_lines(out, lines)

@@ -201,7 +201,19 @@ def prepare_data(config) -> None:
 
 def training_captions(config, source=None) -> list:
   """Captions to train a tokenizer on: the shapes generator's (fast, no images) or those of the
-  first TOKENIZER_TRAIN_EXAMPLES records of the training source (any kind)."""
+  first TOKENIZER_TRAIN_EXAMPLES records of the training source (any kind); with
+  `data.neighbours`, also the retrieval prompts of up to as many training images."""
+  texts = _source_captions(config, source)
+  d = config.data
+  if d.get("neighbours"):   # retrieval prompts are text the model reads too
+    from vlm_jax.data import retrieval  # pylint: disable=g-import-not-at-top
+    neighbours = retrieval.load_neighbours(d.neighbours, int(d.neighbours_k))
+    texts += [retrieval.prompt_text(c)
+              for c in list(neighbours.values())[:TOKENIZER_TRAIN_EXAMPLES]]
+  return texts
+
+
+def _source_captions(config, source=None) -> list:
   d = config.data
   questions = tasks_lib.get(config.task).reads_questions(config)
   if d.source == "tfds" and d.name.startswith("shapes/"):

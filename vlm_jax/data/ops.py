@@ -19,9 +19,11 @@ can run them.
 from __future__ import annotations
 
 import zlib
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from vlm_jax.data import retrieval
 from vlm_jax.data.sources.common import CAPTIONS, LABEL
 
 
@@ -178,11 +180,15 @@ class PrefixLMText:
   for VQA whose question has no answer is skipped and counted as `no_answer` (one without any
   question as `no_question`). Evaluation takes the first caption (or, with caption_weight 0,
   the first question).
+
+  neighbours: {image key: retrieved captions} (`vlm_jax.data.retrieval`): a caption's prompt is
+  then its image's retrieved captions (`retrieval.prompt_text`); an image without any is
+  skipped and counted as `no_neighbours`.
   """
   provides = ("text", "prompt_len", "target_mask", "is_vqa", "truncated")
 
   def __init__(self, tokenizer, length: int, caption_weight: float = 1.0,
-               vqa_weight: float = 1.0):
+               vqa_weight: float = 1.0, neighbours: Optional[Mapping[str, Sequence[str]]] = None):
     from vlm_jax.data.sources.common import QUESTIONS  # pylint: disable=g-import-not-at-top
     self.tokenizer, self.length = tokenizer, int(length)
     total = float(caption_weight) + float(vqa_weight)
@@ -190,6 +196,7 @@ class PrefixLMText:
       raise ValueError(f"loss.caption_weight / loss.vqa_weight: must be >= 0 with a positive "
                        f"sum, got {caption_weight} / {vqa_weight}")
     self.p_vqa = float(vqa_weight) / total
+    self.neighbours = neighbours
     self.requires = tuple(f for f, w in ((CAPTIONS, caption_weight), (QUESTIONS, vqa_weight))
                           if w > 0)
 
@@ -198,7 +205,8 @@ class PrefixLMText:
     if not vqa:
       captions = clean_captions(raw.get("captions"))
       caption = captions[int(rng.integers(len(captions)))] if train else captions[0]
-      return {"_prompt": "", "_answer": caption, "is_vqa": np.bool_(False)}
+      return {"_prompt": self._retrieved_prompt(raw), "_answer": caption,
+              "is_vqa": np.bool_(False)}
     questions = raw.get("questions") or []
     if not questions:
       raise BadExample("no_question")
@@ -208,6 +216,14 @@ class PrefixLMText:
       raise BadExample("no_answer")
     return {"_prompt": str(q["question"]), "_answer": majority_answer(answers),
             "is_vqa": np.bool_(True)}
+
+  def _retrieved_prompt(self, raw) -> str:
+    if self.neighbours is None:
+      return ""
+    captions = self.neighbours.get(str(raw.get("key")))
+    if not captions:
+      raise BadExample("no_neighbours")
+    return retrieval.prompt_text(captions)
 
   def padding(self):
     return {"_prompt": None, "_answer": None, "is_vqa": np.bool_(False)}
@@ -244,6 +260,41 @@ def left_padded(pieces, length: int, pad_id: int):
     if row:
       out[i, length - len(row):] = row
   return out, cut
+
+
+class RetrievalPrompt:
+  """An image's retrieved captions as a left-padded prompt for generation (retrieval-augmented
+  caption evaluation; see `vlm_jax.data.retrieval`).
+
+    prompt            int32 [P]  `retrieval.prompt_text` ids, left-padded with pad
+    prompt_truncated  bool       the prompt was longer than P and lost its start
+
+  An image without retrieved captions is skipped and counted as `no_neighbours`.
+  """
+  provides = ("prompt", "prompt_truncated")
+  requires = ()
+
+  def __init__(self, tokenizer, length: int, neighbours: Mapping[str, Sequence[str]]):
+    self.tokenizer, self.length, self.neighbours = tokenizer, int(length), neighbours
+
+  def __call__(self, raw, rng, train):
+    captions = self.neighbours.get(str(raw.get("key")))
+    if not captions:
+      raise BadExample("no_neighbours")
+    return {"_retrieval_prompt": retrieval.prompt_text(captions)}
+
+  def padding(self):
+    return {"_retrieval_prompt": None}
+
+  def collate(self, examples):
+    tok = self.tokenizer
+    texts = [e["_retrieval_prompt"] for e in examples]
+    rows = [list(r) if t is not None else [] for t, r in zip(texts, tok.tokenize(
+        [t or "" for t in texts]))]
+    cut = np.array([len(r) > self.length for r in rows], bool)
+    # A prompt too long keeps its end ("... caption:", where generation continues).
+    prompt, _ = left_padded([r[-self.length:] for r in rows], self.length, tok.pad_id)
+    return {"prompt": prompt, "prompt_truncated": cut}
 
 
 class Questions:

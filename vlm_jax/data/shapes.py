@@ -91,6 +91,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
     scene_weights: probabilities of the scenes ('one', 'same', 'different').
     max_same: largest object count of a 'same' scene (2 or 3).
     seed: base seed; changing it gives a different but equally deterministic dataset.
+    caption_style: 'plain' (four phrasings per image) or 'terse' (one attribute list per image,
+      "red circle, small, top left.": a style no other variant uses, for datastore swaps).
   """
   image_size: int = 32
   num_train: int = 256
@@ -99,8 +101,12 @@ class ShapesConfig(tfds.core.BuilderConfig):
   scene_weights: tuple = (0.5, 0.25, 0.25)
   max_same: int = 3
   seed: int = 0
+  caption_style: str = "plain"
 
   def __post_init__(self):
+    if self.caption_style not in CAPTION_STYLES:
+      raise ValueError(f"shapes/{self.name}: caption_style {self.caption_style!r}; expected one "
+                       f"of {', '.join(CAPTION_STYLES)}")
     if self.image_size < 16:
       raise ValueError(f"shapes/{self.name}: image_size {self.image_size} is below 16 pixels")
     if self.max_same not in NUMBER_WORDS:
@@ -179,8 +185,15 @@ def _join(words):
   return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def captions(scene, objects):
-  """The captions of a scene: four phrasings, every one true of the drawn image."""
+CAPTION_STYLES = ("plain", "terse")
+
+
+def captions(scene, objects, style="plain"):
+  """The captions of a scene: four phrasings, every one true of the drawn image ('plain'), or
+  one attribute list per object, main object first ('terse')."""
+  if style == "terse":
+    parts = [f"{o['colour']} {o['shape']}, {o['size']}, {o['position']}" for o in objects]
+    return ["; ".join(parts) + "."]
   a = objects[0]
   c, s, z, p = a["colour"], a["shape"], a["size"], a["position"]
   if scene == "one":
@@ -257,7 +270,7 @@ def generate_example(config, split, index):
   return {
       "id": f"{split}/{index:06d}",
       "image": image,
-      "captions": captions(scene, objects),
+      "captions": captions(scene, objects, config.caption_style),
       "questions": image_questions(config, split, index, objects),
       "label": class_index(main["colour"], main["shape"]),
       "scene": scene,
@@ -284,7 +297,7 @@ def caption_corpus(config_name="demo", split="train", questions=False):
   texts = []
   for i in range(_split_sizes(config)[split]):
     scene, objects = sample_scene(_rng(config, split, i), config)
-    texts.extend(captions(scene, objects))
+    texts.extend(captions(scene, objects, config.caption_style))
     if questions:
       for q in image_questions(config, split, i, objects):
         texts.append(q["question"])
@@ -311,6 +324,11 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
       ShapesConfig(name="demo", description="32x32, 20000/1000/1000 examples: the CPU demo.",
                    image_size=32, num_train=20000, num_validation=1000, num_test=1000,
                    scene_weights=(0.6, 0.2, 0.2)),
+      # The demo's images (same seed) with 'terse' captions: a datastore in a caption style
+      # that no model trained on 'demo' has seen (retrieval-augmented captioning).
+      ShapesConfig(name="demo_terse", description="shapes/demo with terse captions.",
+                   image_size=32, num_train=20000, num_validation=1000, num_test=1000,
+                   scene_weights=(0.6, 0.2, 0.2), caption_style="terse"),
       ShapesConfig(name="small", description="64x64, 50000/2000/2000 examples.",
                    image_size=64, num_train=50000, num_validation=2000, num_test=2000,
                    scene_weights=(0.6, 0.2, 0.2)),

@@ -22,6 +22,7 @@ from absl import logging
 import numpy as np
 
 from vlm_jax.data import ops
+from vlm_jax.data import retrieval
 from vlm_jax.evals import common
 
 CAPTION_METRICS = ("bleu", "cider", "rouge", "meteor")
@@ -36,8 +37,21 @@ def predict_fns(entry):
 def splits(config, entry, tokenizer=None):
   """[(data config, field ops)] this evaluator reads (checked before training)."""
   length = common.text_length(config)
-  return [(common.eval_data_config(config, entry),
-           [ops.AllCaptions(tokenizer, length, entry.max_captions)])]
+  field_ops = [ops.AllCaptions(tokenizer, length, entry.max_captions)]
+  if entry.get("neighbours"):
+    field_ops.append(ops.RetrievalPrompt(tokenizer, retrieval_prompt_length(config, entry),
+                                         load_entry_neighbours(config, entry)))
+  return [(common.eval_data_config(config, entry), field_ops)]
+
+
+def retrieval_prompt_length(config, entry) -> int:
+  """Prompt tokens of retrieval-augmented generation: what max_len leaves of the context."""
+  return common.text_length(config) - int(entry.max_len)
+
+
+def load_entry_neighbours(config, entry):
+  k = entry.get("neighbours_k") or config.data.get("neighbours_k") or 3
+  return retrieval.load_neighbours(entry.neighbours, int(k), field="evals.<caption>.neighbours")
 
 
 def check(config, entry) -> list:
@@ -55,6 +69,21 @@ def check(config, entry) -> list:
   limit = common.text_length(config) - 1
   if entry.get("max_len") and entry.max_len > limit:
     problems.append(f"max_len: {entry.max_len} exceeds the model's context length - 1 = {limit}")
+  if entry.get("neighbours"):
+    if not entry.get("max_len"):
+      problems.append("max_len: must be set with neighbours (the prompt of retrieved captions "
+                      "gets the rest of the context length)")
+    elif retrieval_prompt_length(config, entry) < 8:
+      problems.append(f"max_len: {entry.max_len} leaves "
+                      f"{retrieval_prompt_length(config, entry)} of the context length for the "
+                      "retrieved captions; at least 8 are needed")
+    if entry.get("loglik", True):
+      problems.append("loglik: the references' likelihood is measured without a prompt, so it "
+                      "does not combine with neighbours; set loglik=False")
+    try:
+      load_entry_neighbours(config, entry)
+    except ValueError as e:
+      problems.append(str(e))
   return problems
 
 
@@ -68,6 +97,10 @@ def default_config(**fields):
   c.tokenizer = "auto"             # caption tokenisation for scoring: 'auto' | 'java' | 'python'
   c.loglik = True                  # also the references' per-token NLL / perplexity
   c.log_examples = 3
+  # Retrieval-augmented captioning: `python -m vlm_jax.index neighbours` output for the evaluated
+  # images (from any datastore: swap it without retraining); needs max_len and loglik=False.
+  c.neighbours = common.placeholder(str)
+  c.neighbours_k = common.placeholder(int)   # None: data.neighbours_k
   c.update(fields)
   return c
 
@@ -238,12 +271,14 @@ def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, floa
                captions_mask=batch["captions_mask"])
     if with_nll:
       out["nll"], out["ntok"] = caption_nll(params, batch)
+    if "prompt_truncated" in batch:
+      out["prompt_truncated"] = batch["prompt_truncated"]
     return out
 
   key = ("caption", with_nll, tuple(sorted(static.items())))
   (data, field_ops), = splits(ctx.config, eval_config, tok)
   predictions, references = [], []
-  nll_sum, ntok_sum = 0.0, 0.0
+  nll_sum, ntok_sum, prompts_cut = 0.0, 0.0, 0
   for batch in common.iterate_batches(ctx, data, field_ops,
                                       common.entry_batch_size(ctx.config, eval_config), who=who):
     out = ctx.call(key, fn, batch)
@@ -251,6 +286,8 @@ def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, floa
     predictions.extend(tok.decode(out["tokens"][mask]))
     for caps, cmask in zip(out["captions"][mask], out["captions_mask"][mask]):
       references.append(tok.decode(caps[cmask]))
+    if "prompt_truncated" in out:
+      prompts_cut += int(np.sum(out["prompt_truncated"][mask]))
     if with_nll:
       valid = mask[:, None] & out["captions_mask"]
       nll_sum += float(np.sum(np.where(valid, out["nll"], 0.0), dtype=np.float64))
@@ -261,6 +298,8 @@ def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, floa
     metrics["nll"] = nll_sum / ntok_sum
     metrics["perplexity"] = float(np.exp(nll_sum / ntok_sum))
   metrics["num_images"] = float(len(predictions))
+  if eval_config.get("neighbours"):
+    metrics["prompts_truncated"] = float(prompts_cut)
   ctx.artifacts[f"caption/{tag}"] = [{"prediction": p, "references": r}
                                      for p, r in zip(predictions, references)]
   for p, r in list(zip(predictions, references))[:int(eval_config.get("log_examples", 3))]:

@@ -4,7 +4,9 @@ answering with one decoder-only LM that reads the image tokens as a prefix.
 Batch fields (`ops.PrefixLMText`): `image`, `text` [B, L] (`prompt, bos, answer, eos, pad`),
 `prompt_len` [B], `target_mask` [B, L] (answer and eos: the only tokens the loss predicts),
 `is_vqa` [B], `truncated` [B]. Captions and questions are mixed per example with probabilities
-proportional to `loss.caption_weight` / `loss.vqa_weight`.
+proportional to `loss.caption_weight` / `loss.vqa_weight`. With `data.neighbours` (retrieval-
+augmented captioning, `vlm_jax.data.retrieval`) a caption's prompt is its image's retrieved
+captions.
 
 Model: `models.PrefixLM` (image tower from `model.image`, projector `model.projector`, LM from
 `model.lm`, GPT-2 or Llama-style). `model.context_length` is the text row length L; the LM's
@@ -27,6 +29,7 @@ from vlm_jax import decoding
 from vlm_jax import losses
 from vlm_jax import models
 from vlm_jax.data import ops
+from vlm_jax.data import retrieval
 from vlm_jax.models import lm as lm_lib
 from vlm_jax.models import prefix_lm
 from vlm_jax.tasks import base
@@ -134,6 +137,14 @@ class PrefixLMTask(base.Task):
     if cw < 0 or vw < 0 or cw + vw <= 0:
       problems.append(f"loss.caption_weight / loss.vqa_weight: must be >= 0 with a positive "
                       f"sum, got {cw} / {vw}")
+    if config.data.get("neighbours"):
+      if cw <= 0:
+        problems.append("data.neighbours: retrieved captions prompt the caption examples, but "
+                        "loss.caption_weight is 0")
+      try:    # read now, so that a missing or empty datastore fails before training
+        retrieval.load_neighbours(config.data.neighbours, int(config.data.neighbours_k))
+      except ValueError as e:
+        problems.append(str(e))
     return problems
 
   def text_spec(self, config):
@@ -141,9 +152,12 @@ class PrefixLMTask(base.Task):
                          context_length=int(config.model.context_length))
 
   def train_ops(self, config, tokenizer):
+    neighbours = None
+    if config.data.get("neighbours"):
+      neighbours = retrieval.load_neighbours(config.data.neighbours, int(config.data.neighbours_k))
     return [ops.PrefixLMText(tokenizer, self.text_spec(config).context_length,
                              caption_weight=float(config.loss.caption_weight),
-                             vqa_weight=float(config.loss.vqa_weight))]
+                             vqa_weight=float(config.loss.vqa_weight), neighbours=neighbours)]
 
   def build_model(self, config):
     m = config.model

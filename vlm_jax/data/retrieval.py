@@ -1,0 +1,55 @@
+"""Retrieved captions for retrieval-augmented captioning (SmallCap-style).
+
+A neighbours file is what `python -m vlm_jax.index neighbours` writes: JSON lines
+`{"id": image key, "neighbours": [{"id", "caption", "score"}, ...]}`, best first, never the
+image's own captions. `load_neighbours` reads one into {image key: [caption, ...]}, and
+`prompt_text` puts an image's captions in the prefix-LM's prompt:
+
+    similar images show: a small red circle in the top left.; two red circles.; ... caption:
+
+Training reads the neighbours of the training images (`data.neighbours`), evaluation those of the
+evaluated images (`evals.<caption>.neighbours`), each retrieved from a datastore that can be
+swapped at test time without retraining.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Sequence
+
+PROMPT_START = "similar images show:"
+PROMPT_END = "caption:"
+
+
+def load_neighbours(path: str, k: int, field: str = "data.neighbours") -> Dict[str, List[str]]:
+  """{image key: its first k retrieved captions} from a neighbours file; a clear ValueError
+  (naming `field`, the file and the line) for a missing, malformed or empty file."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  if k < 1:
+    raise ValueError(f"{field}: k must be >= 1, got {k}")
+  p = epath.Path(path)
+  if not p.exists():
+    raise ValueError(f"{field}: neighbours file {path} does not exist (make it with "
+                     "`python -m vlm_jax.index neighbours`)")
+  out = {}
+  with p.open() as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        captions = [str(h["caption"]).strip() for h in record["neighbours"]]
+        key = str(record["id"])
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{field}: {path} line {number} is not a neighbours record "
+                         f'({{"id": ..., "neighbours": [{{"caption": ...}}, ...]}}): {e}') from e
+      captions = [c for c in captions if c][:k]
+      if captions:
+        out[key] = captions
+  if not out:
+    raise ValueError(f"{field}: {path} holds no retrieved captions (an empty datastore?)")
+  return out
+
+
+def prompt_text(captions: Sequence[str]) -> str:
+  """The prompt of one image: its retrieved captions between PROMPT_START and PROMPT_END."""
+  return f"{PROMPT_START} {'; '.join(c.rstrip('.') for c in captions)}. {PROMPT_END}"
