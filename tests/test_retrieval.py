@@ -189,7 +189,14 @@ def test_neighbours_are_the_best_captions_of_other_images(eval_embeddings, tmp_p
     by_id = {t["id"]: t for t in text_rows}
     assert all(by_id[n["id"]]["image"] != row["id"] and by_id[n["id"]]["caption"] == n["caption"]
                for n in got["neighbours"]), i
-  # An image index is not a datastore of captions.
-  images_index = index_lib.build(emb, "images", str(tmp_path / "images"))
-  with pytest.raises(ValueError, match="must be a caption index"):
-    index_lib.neighbours(images_index, emb, 3, str(tmp_path / "bad.jsonl"))
+  # Another model's embeddings are refused, naming both.
+  manifest = json.load(open(os.path.join(emb, "manifest.json")))
+  other = str(tmp_path / "other")
+  os.makedirs(other)
+  for name in os.listdir(emb):
+    if name != "manifest.json":
+      os.link(os.path.join(emb, name), os.path.join(other, name))
+  manifest["model"]["model_id"] = "0123"
+  json.dump(manifest, open(os.path.join(other, "manifest.json"), "w"))
+  with pytest.raises(search.ModelMismatch, match="model_id"):
+    index_lib.neighbours(captions, other, 3, str(tmp_path / "bad.jsonl"))

@@ -59,6 +59,7 @@ def test_config_typo_names_the_key():
 CONFIGS = ["shapes_coca", "shapes_clip", "shapes_siglip", "shapes_captioning", "shapes_classify",
            "shapes_prefixlm", "shapes_bert_mlm", "shapes_lstm_caption", "shapes_fusion_vqa",
            "shapes_fusion_itm", "shapes_resnet_clip", "shapes_resnet_classify",
+           "shapes_retrieval_caption",
            "clip_vit_b16", "siglip_vit_b16", "coca_vit_b32",
            "bench_cpu_clip", "bench_vit_b16_clip", "bench_prefixlm"]
 
