@@ -36,7 +36,15 @@ def test_neighbours_file_loads_k_captions_and_refuses_bad_files(tmp_path):
   path = _write_neighbours(tmp_path / "n.jsonl", {
       "train/0": ["a red circle.", "two red circles.", "a red square.", "a blue cross."],
       "train/1": []})                          # an image with nothing retrieved is left out
-  assert retrieval.load_neighbours(path, 2) == {"train/0": ["a red circle.", "two red circles."]}
+  assert retrieval.load_neighbours(path, 2) == {"train/0": [["a red circle."],
+                                                            ["two red circles."]]}
+  # An image index's hits carry every caption of their image; the first is the one retrieved.
+  (tmp_path / "images.jsonl").write_text(json.dumps({"id": "t", "neighbours": [
+      {"id": "x", "caption": "a red circle.", "captions": ["a red circle.", "one red circle."]},
+      {"id": "y", "caption": "a cross.", "captions": ["a cross.", ""]}]}) + "\n")
+  hits = retrieval.load_neighbours(str(tmp_path / "images.jsonl"), 3)["t"]
+  assert hits == [["a red circle.", "one red circle."], ["a cross."]]
+  assert retrieval.phrasing(hits, 1) == ["one red circle.", "a cross."]
   assert (retrieval.prompt_text(["a red circle.", "two red circles."])
           == "similar images show: a red circle; two red circles. caption:")
   with pytest.raises(ValueError, match=r"data.neighbours: neighbours file .*missing.jsonl does "
@@ -53,11 +61,11 @@ def test_neighbours_file_loads_k_captions_and_refuses_bad_files(tmp_path):
 def test_training_prompt_is_the_retrieved_captions_and_only_the_caption_is_a_target(
     shapes_tokenizer):
   tok = shapes_tokenizer
-  neighbours = {"train/7": ["two red circles.", "a red circle."]}
+  neighbours = {"train/7": [["two red circles."], ["a red circle."]]}
   op = ops.PrefixLMText(tok, 40, caption_weight=1.0, vqa_weight=0.0, neighbours=neighbours)
   raw = {"key": "train/7", "captions": ["a small red circle in the top left."]}
   batch = op.collate([op(raw, np.random.default_rng(0), True)])
-  prompt = tok.tokenize([retrieval.prompt_text(neighbours["train/7"])])[0]
+  prompt = tok.tokenize([retrieval.prompt_text(["two red circles.", "a red circle."])])[0]
   caption = tok.tokenize(["a small red circle in the top left."])[0]
   row, plen = batch["text"][0], int(batch["prompt_len"][0])
   assert plen == len(prompt) and row[:plen].tolist() == list(prompt)
@@ -67,6 +75,14 @@ def test_training_prompt_is_the_retrieved_captions_and_only_the_caption_is_a_tar
   with pytest.raises(ops.BadExample) as e:       # an image the neighbours file does not know
     op({"key": "train/8", "captions": ["a red circle."]}, np.random.default_rng(0), True)
   assert e.value.reason == "no_neighbours"
+  # same_phrasing: each neighbour's caption at the index of the caption drawn as the target.
+  phrased = {"k": [["a red circle.", "one red circle."], ["a cross.", "one cross."]]}
+  op = ops.PrefixLMText(tok, 40, 1.0, 0.0, neighbours=phrased, same_phrasing=True)
+  raw = {"key": "k", "captions": ["a blue square.", "one blue square."]}
+  for seed in range(6):
+    out = op(raw, np.random.default_rng(seed), True)
+    j = raw["captions"].index(out["_answer"])
+    assert out["_prompt"] == retrieval.prompt_text([h[j] for h in phrased["k"]])
   # Without neighbours the same op gives a caption an empty prompt.
   plain = ops.PrefixLMText(tok, 40, 1.0, 0.0)
   assert plain.collate([plain(raw, np.random.default_rng(0), True)])["prompt_len"][0] == 0
@@ -74,8 +90,10 @@ def test_training_prompt_is_the_retrieved_captions_and_only_the_caption_is_a_tar
 
 def test_generation_prompt_is_left_padded_and_a_long_one_keeps_its_end(shapes_tokenizer):
   tok = shapes_tokenizer
-  neighbours = {"a": ["a red circle."], "b": ["a small red circle in the top left."] * 3}
-  ids = {k: tok.tokenize([retrieval.prompt_text(v)])[0] for k, v in neighbours.items()}
+  neighbours = {"a": [["a red circle.", "one red circle."]],
+                "b": [["a small red circle in the top left."]] * 3}
+  ids = {k: tok.tokenize([retrieval.prompt_text(retrieval.phrasing(v))])[0]
+         for k, v in neighbours.items()}
   length = len(ids["a"]) + 2
   assert len(ids["b"]) > length
   op = ops.RetrievalPrompt(tok, length, neighbours)
@@ -176,6 +194,13 @@ def test_retrieval_augmented_captioner_trains_and_evaluates(retrieval_run, shape
   tok = tok_lib.Tokenizer.load(os.path.join(workdir, "tokenizer.model"))
   ids = tok.tokenize([retrieval.prompt_text(["a red circle."])])[0]
   assert tok.unk_id not in ids
+  # Neighbours of other images (the training split's) leave nothing to caption: an error, not
+  # a metrics file of zero images.
+  from vlm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  with config.unlocked():
+    config.evals.caption.neighbours = retrieval_run["train"]
+  with pytest.raises(ValueError, match="no image of the split has retrieved captions in"):
+    evaluate.evaluate(config, workdir, write=False)
 
 
 def test_empty_datastore_fails_before_training(retrieval_run, shapes_data_dir, tmp_path):

@@ -91,6 +91,8 @@ def data_config() -> ml_collections.ConfigDict:
   # the training images; each caption's prompt is its image's first neighbours_k captions.
   c.neighbours = placeholder(str)
   c.neighbours_k = 3
+  c.neighbours_same_phrasing = False   # prompt with each neighbour's caption at the target's
+                                       # index (parallel phrasings, as shapes' four templates)
   # WebDataset-style tar shards: brace and/or glob patterns, e.g. 'shards/{00000..00099}.tar'.
   c.train_shards = placeholder(str)
   c.eval_shards = placeholder(str)

@@ -94,7 +94,8 @@ def neighbours(index: search.Index, embeddings: str, k: int, out: str,
   else:
     fetch = min(len(index), k + 1)      # the image itself, when it is in the datastore
     own = lambda hit_row, image: hit_row["id"] == image or not hit_row.get("captions")
-    hit = lambda r, s: dict(id=r["id"], caption=r["captions"][0], score=float(s))
+    hit = lambda r, s: dict(id=r["id"], caption=r["captions"][0], captions=r["captions"],
+                            score=float(s))
   lines = []
   for start in range(0, len(rows), block):
     scores, positions = index.search(vectors[start:start + block], fetch)

@@ -208,8 +208,8 @@ def training_captions(config, source=None) -> list:
   if d.get("neighbours"):   # retrieval prompts are text the model reads too
     from vlm_jax.data import retrieval  # pylint: disable=g-import-not-at-top
     neighbours = retrieval.load_neighbours(d.neighbours, int(d.neighbours_k))
-    texts += [retrieval.prompt_text(c)
-              for c in list(neighbours.values())[:TOKENIZER_TRAIN_EXAMPLES]]
+    texts += [retrieval.prompt_text(retrieval.phrasing(hits, i))
+              for i, hits in enumerate(list(neighbours.values())[:TOKENIZER_TRAIN_EXAMPLES])]
   return texts
 
 

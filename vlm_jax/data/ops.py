@@ -181,14 +181,17 @@ class PrefixLMText:
   question as `no_question`). Evaluation takes the first caption (or, with caption_weight 0,
   the first question).
 
-  neighbours: {image key: retrieved captions} (`vlm_jax.data.retrieval`): a caption's prompt is
-  then its image's retrieved captions (`retrieval.prompt_text`); an image without any is
-  skipped and counted as `no_neighbours`.
+  neighbours: {image key: its neighbours' captions} (`retrieval.load_neighbours`): a caption's
+  prompt is then one caption of each neighbour (`retrieval.prompt_text`): the retrieved one, or
+  with `same_phrasing` the one at the target caption's own index (for datastores whose captions
+  come in parallel phrasings, as shapes' four: the captioner learns to follow the prompt's
+  phrasing). An image without neighbours is skipped and counted as `no_neighbours`.
   """
   provides = ("text", "prompt_len", "target_mask", "is_vqa", "truncated")
 
   def __init__(self, tokenizer, length: int, caption_weight: float = 1.0,
-               vqa_weight: float = 1.0, neighbours: Optional[Mapping[str, Sequence[str]]] = None):
+               vqa_weight: float = 1.0, neighbours: Optional[Mapping[str, Sequence]] = None,
+               same_phrasing: bool = False):
     from vlm_jax.data.sources.common import QUESTIONS  # pylint: disable=g-import-not-at-top
     self.tokenizer, self.length = tokenizer, int(length)
     total = float(caption_weight) + float(vqa_weight)
@@ -196,7 +199,7 @@ class PrefixLMText:
       raise ValueError(f"loss.caption_weight / loss.vqa_weight: must be >= 0 with a positive "
                        f"sum, got {caption_weight} / {vqa_weight}")
     self.p_vqa = float(vqa_weight) / total
-    self.neighbours = neighbours
+    self.neighbours, self.same_phrasing = neighbours, bool(same_phrasing)
     self.requires = tuple(f for f, w in ((CAPTIONS, caption_weight), (QUESTIONS, vqa_weight))
                           if w > 0)
 
@@ -204,8 +207,8 @@ class PrefixLMText:
     vqa = (rng.random() < self.p_vqa) if train else self.p_vqa >= 1.0
     if not vqa:
       captions = clean_captions(raw.get("captions"))
-      caption = captions[int(rng.integers(len(captions)))] if train else captions[0]
-      return {"_prompt": self._retrieved_prompt(raw), "_answer": caption,
+      index = int(rng.integers(len(captions))) if train else 0
+      return {"_prompt": self._retrieved_prompt(raw, index), "_answer": captions[index],
               "is_vqa": np.bool_(False)}
     questions = raw.get("questions") or []
     if not questions:
@@ -217,13 +220,14 @@ class PrefixLMText:
     return {"_prompt": str(q["question"]), "_answer": majority_answer(answers),
             "is_vqa": np.bool_(True)}
 
-  def _retrieved_prompt(self, raw) -> str:
+  def _retrieved_prompt(self, raw, caption_index: int) -> str:
     if self.neighbours is None:
       return ""
-    captions = self.neighbours.get(str(raw.get("key")))
-    if not captions:
+    hits = self.neighbours.get(str(raw.get("key")))
+    if not hits:
       raise BadExample("no_neighbours")
-    return retrieval.prompt_text(captions)
+    return retrieval.prompt_text(
+        retrieval.phrasing(hits, caption_index if self.same_phrasing else 0))
 
   def padding(self):
     return {"_prompt": None, "_answer": None, "is_vqa": np.bool_(False)}
@@ -274,14 +278,14 @@ class RetrievalPrompt:
   provides = ("prompt", "prompt_truncated")
   requires = ()
 
-  def __init__(self, tokenizer, length: int, neighbours: Mapping[str, Sequence[str]]):
+  def __init__(self, tokenizer, length: int, neighbours: Mapping[str, Sequence]):
     self.tokenizer, self.length, self.neighbours = tokenizer, int(length), neighbours
 
   def __call__(self, raw, rng, train):
-    captions = self.neighbours.get(str(raw.get("key")))
-    if not captions:
+    hits = self.neighbours.get(str(raw.get("key")))
+    if not hits:
       raise BadExample("no_neighbours")
-    return {"_retrieval_prompt": retrieval.prompt_text(captions)}
+    return {"_retrieval_prompt": retrieval.prompt_text(retrieval.phrasing(hits))}
 
   def padding(self):
     return {"_retrieval_prompt": None}

@@ -2,8 +2,10 @@
 
 A neighbours file is what `python -m vlm_jax.index neighbours` writes: JSON lines
 `{"id": image key, "neighbours": [{"id", "caption", "score"}, ...]}`, best first, never the
-image's own captions. `load_neighbours` reads one into {image key: [caption, ...]}, and
-`prompt_text` puts an image's captions in the prefix-LM's prompt:
+image's own captions. `load_neighbours` reads one into {image key: [neighbour captions, ...]},
+and
+`prompt_text` puts an image's retrieved captions (`phrasing`: one of each neighbour) in the
+prefix-LM's prompt:
 
     similar images show: a small red circle in the top left.; two red circles.; ... caption:
 
@@ -20,9 +22,12 @@ PROMPT_START = "similar images show:"
 PROMPT_END = "caption:"
 
 
-def load_neighbours(path: str, k: int, field: str = "data.neighbours") -> Dict[str, List[str]]:
-  """{image key: its first k retrieved captions} from a neighbours file; a clear ValueError
-  (naming `field`, the file and the line) for a missing, malformed or empty file."""
+def load_neighbours(path: str, k: int, field: str = "data.neighbours"
+                    ) -> Dict[str, List[List[str]]]:
+  """{image key: [the captions of each of its first k neighbours]} from a neighbours file (a hit
+  of an image index lists all of its image's captions, first the one retrieved; a hit of a
+  caption index has one); a clear ValueError (naming `field`, the file and the line) for a
+  missing, malformed or empty file."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   if k < 1:
     raise ValueError(f"{field}: k must be >= 1, got {k}")
@@ -37,17 +42,24 @@ def load_neighbours(path: str, k: int, field: str = "data.neighbours") -> Dict[s
         continue
       try:
         record = json.loads(line)
-        captions = [str(h["caption"]).strip() for h in record["neighbours"]]
+        hits = [[str(c).strip() for c in (h.get("captions") or [h["caption"]])]
+                for h in record["neighbours"]]
         key = str(record["id"])
-      except (ValueError, KeyError, TypeError) as e:
+      except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{field}: {path} line {number} is not a neighbours record "
                          f'({{"id": ..., "neighbours": [{{"caption": ...}}, ...]}}): {e}') from e
-      captions = [c for c in captions if c][:k]
-      if captions:
-        out[key] = captions
+      hits = [[c for c in h if c] for h in hits]
+      hits = [h for h in hits if h][:k]
+      if hits:
+        out[key] = hits
   if not out:
     raise ValueError(f"{field}: {path} holds no retrieved captions (an empty datastore?)")
   return out
+
+
+def phrasing(hits: Sequence[Sequence[str]], index: int = 0) -> List[str]:
+  """One caption of each neighbour: its `index`-th (modulo its count; 0 = the one retrieved)."""
+  return [h[index % len(h)] for h in hits]
 
 
 def prompt_text(captions: Sequence[str]) -> str:

@@ -293,6 +293,10 @@ def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, floa
       nll_sum += float(np.sum(np.where(valid, out["nll"], 0.0), dtype=np.float64))
       ntok_sum += float(np.sum(np.where(valid, out["ntok"], 0.0), dtype=np.float64))
 
+  if not predictions and eval_config.get("neighbours"):
+    raise ValueError(f"{who}: no image of the split has retrieved captions in "
+                     f"{eval_config.neighbours} (are its ids those of this split's images? "
+                     "embed this split with the retrieval model and run `index neighbours` on it)")
   metrics = score_captions(predictions, references, metrics_list, use_java=use_java)
   if with_nll and ntok_sum:
     metrics["nll"] = nll_sum / ntok_sum

@@ -157,7 +157,8 @@ class PrefixLMTask(base.Task):
       neighbours = retrieval.load_neighbours(config.data.neighbours, int(config.data.neighbours_k))
     return [ops.PrefixLMText(tokenizer, self.text_spec(config).context_length,
                              caption_weight=float(config.loss.caption_weight),
-                             vqa_weight=float(config.loss.vqa_weight), neighbours=neighbours)]
+                             vqa_weight=float(config.loss.vqa_weight), neighbours=neighbours,
+                             same_phrasing=bool(config.data.get("neighbours_same_phrasing")))]
 
   def build_model(self, config):
     m = config.model
