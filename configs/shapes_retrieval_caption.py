@@ -13,21 +13,19 @@ retraining. Without both, this trains the same captioner with an empty prompt: t
       --config.evals.caption.neighbours=runs/store/test_neighbours.jsonl
 """
 from . import shapes_common
+from . import shapes_prefixlm
 
 LENGTH = 64      # retrieved captions (up to 40 tokens) + bos + caption + eos
 CAPTION_TOKENS = 24
 
 
 def get_config(arg=None):
-  c = shapes_common.shapes_config("prefix_lm", arg)
-  c.model.image.update(variant="mu/8", posemb="sincos2d")
+  c = shapes_prefixlm.get_config(arg)   # its image tower, projector and LM, captions only
   if shapes_common.variant(arg) == "demo":
     c.total_steps = 2000
-  c.model.projector = "mlp"
+  c.data.questions_key = ""
   c.model.context_length = LENGTH
-  c.model.lm = dict(name="decoder_only", style="gpt2", vocab_size=shapes_common.VOCAB,
-                    **shapes_common.TOWER)
-  c.tokenizer = dict(vocab_size=shapes_common.VOCAB, context_length=LENGTH)
+  c.tokenizer.context_length = LENGTH
   c.loss = dict(caption_weight=1.0, vqa_weight=0.0)
   c.data.neighbours_k = 3
   # Generation leaves LENGTH - CAPTION_TOKENS tokens to the retrieved captions; the references'
