@@ -15,6 +15,7 @@ swapped at test time without retraining.
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Dict, List, Sequence
 
@@ -35,8 +36,19 @@ def load_neighbours(path: str, k: int, field: str = "data.neighbours"
   if not p.exists():
     raise ValueError(f"{field}: neighbours file {path} does not exist (make it with "
                      "`python -m vlm_jax.index neighbours`)")
+  stat = p.stat()
+  return _parse(str(path), int(k), field, (stat.mtime, stat.length))
+
+
+# A run reads the same file several times as it starts (the config checks, the tokenizer's texts,
+# the field ops); the parse is kept per (file, k, modification time and size). Callers only read
+# the returned dict.
+@functools.lru_cache(maxsize=4)
+def _parse(path: str, k: int, field: str, stamp) -> Dict[str, List[List[str]]]:
+  del stamp   # part of the cache key only
+  from etils import epath  # pylint: disable=g-import-not-at-top
   out = {}
-  with p.open() as f:
+  with epath.Path(path).open() as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
