@@ -80,7 +80,7 @@ if ((dry_run)); then
   # (no compilation cache here: a multi-device CPU step loaded from it can deadlock, README)
   clip=(--config=configs/bench_cpu_clip.py:tiny --config.batch_size=4)
   prefixlm=(--config=configs/bench_prefixlm.py:tiny --config.batch_size=4)
-  steps=(--steps=2 --warmup=1)
+  steps=(--steps=2 --warmup=1 --peak_tflops=0.5)   # a fixed peak: no matmul to time
   coca=(--config=configs/shapes_coca.py:tiny --batch=2 --lengths=8 "--beams=1,2" --repeats=1
         --config.model.scan=True --config.model.remat=True   # as coca_vit_b32 runs
         --config.model.remat_policy=dots_no_batch)

@@ -52,6 +52,36 @@ def load():
   return importlib.import_module(PACKAGE + ".model")
 
 
+class _NoBeamSearchScorer:
+  def __init__(self, *args, **kwargs):
+    raise RuntimeError("open_clip's CoCa beam search needs transformers' BeamSearchScorer, which "
+                       "transformers 5 removed")
+
+
+def load_coca():
+  """open_clip's `coca_model` module (CoCa and its `generate`), or None when open_clip is absent.
+
+  Its generation code imports transformers' logits processors and `BeamSearchScorer` in one
+  block and, if any is missing, disables `generate` altogether. transformers 5 removed
+  `BeamSearchScorer` (used by beam search only), so a placeholder that raises when built stands
+  in for it while the module is imported: greedy / top-k generation runs as released, beam
+  search fails naming the missing class.
+  """
+  if load() is None:
+    return None
+  import transformers  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  import transformers.generation  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  added = [m for m in (transformers, transformers.generation)
+           if not hasattr(m, "BeamSearchScorer")]
+  for module in added:
+    module.BeamSearchScorer = _NoBeamSearchScorer
+  try:
+    return importlib.import_module(PACKAGE + ".coca_model")
+  finally:
+    for module in added:
+      delattr(module, "BeamSearchScorer")
+
+
 def model_config(name: str) -> dict:
   """open_clip's model config `name` (model_configs/<name>.json inside the wheel)."""
   import json  # pylint: disable=g-import-not-at-top,import-outside-toplevel

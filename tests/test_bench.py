@@ -335,6 +335,45 @@ def test_option_ab_names_an_option_xla_refuses():
                   steps_per_round=1)
 
 
+def test_decode_flop_count_is_xlas_and_the_open_clip_peer_runs():
+  """bench/decode.py's FLOPs per cached step against XLA's cost analysis of the model's own
+  decoding step (matmuls only on our side: XLA also counts the softmax, norms and GELU), and
+  open_clip's CoCa.generate through the peer path on a tiny open_clip CoCa."""
+  import decode  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  from vlm_jax import models  # pylint: disable=g-import-not-at-top
+  config = config_utils.load_config(os.path.join(REPO, "configs/shapes_coca.py:tiny"))
+  config.model.decoder.width, config.model.decoder.mlp_dim = 128, 512
+  task = tasks.get(config.task)
+  model = task.build_model(config)
+  params = jax.jit(lambda k: flax.linen.unbox(task.init_params(model, config, k)))(
+      jax.random.key(0))
+  image_tokens = model.apply({"params": params}, jnp.zeros((4, 32, 32, 3)), method="image_tokens")
+  cache = models.init_cache(model, {"params": params}, image_tokens, 16)
+  step = jax.jit(lambda cache, tok: model.apply(
+      {"params": params, "cache": cache}, image_tokens, tok, decode=True, method="decode",
+      mutable=["cache"])).lower(cache, jnp.zeros((4, 1), jnp.int32)).compile()
+  d = config.model.decoder
+  ours = 4 * decode.cached_flops_per_token(d.width, d.depth, d.mlp_dim,
+                                           task.text_spec(config).vocab_size,
+                                           image_tokens.shape[1], 16)
+  assert 0.85 < ours / step.cost_analysis()["flops"] <= 1.0
+
+  pytest.importorskip("torch")
+  tiny = dict(embed_dim=32,
+              vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16,
+                              attentional_pool=True, attn_pooler_heads=2,
+                              attn_pooler_queries=5, output_tokens=True),
+              text_cfg=dict(context_length=12, vocab_size=64, width=32, heads=2, layers=1,
+                            embed_cls=True, output_tokens=True),
+              multimodal_cfg=dict(context_length=12, vocab_size=64, width=32, heads=2, layers=1,
+                                  attn_pooler_heads=2))
+  greedy, beam = decode.openclip_run(2, [4], [1, 3], repeats=1, model_cfg=tiny)
+  assert greedy["impl"] == "open_clip" and greedy["beam"] == 1 and greedy["ms_per_token"] > 0
+  assert greedy["flops_per_token"] == 2 * decode.openclip_flops_per_token(tiny, 4)
+  assert "BeamSearchScorer" in beam["unavailable"] and "ms_per_token" not in beam
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_stage(tmp_path):
   """bench/gpu_check.sh at toy sizes on the CPU: the script a lent GPU runs cannot break unseen."""

@@ -150,6 +150,40 @@ def test_beam_cached_equals_full_recomputation_batched():
   assert np.all(np.asarray(cached.scores[:, 0]) >= g_pen - 1e-5)
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_stop_at_in_a_longer_buffer_equals_the_exact_buffer(beam):
+  """One compiled search with a 16-token buffer and the length as a traced argument gives, for
+  every length, what a search compiled for exactly that length gives (then pad)."""
+  step_fn, _, init_cache = make_rnn(7, eos_bias=-4.0)   # rarely ends early: the limit matters
+  b, buffer = 3, 16
+  kw = dict(batch_size=b, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+
+  def search(max_len, stop_at=None):
+    if beam == 1:
+      return decode.greedy(step_fn, init_cache(b), max_len=max_len, stop_at=stop_at, **kw)
+    res = decode.beam_search(step_fn, init_cache(b * beam), beam_size=beam, max_len=max_len,
+                             alpha=0.6, stop_at=stop_at, **kw)
+    return decode.DecodeResult(res.tokens[:, 0], res.scores[:, 0], res.lengths[:, 0])
+
+  bucketed = jax.jit(lambda n: search(buffer, n))
+  for length in (3, 5, 9):
+    got, want = bucketed(length), jax.jit(lambda length=length: search(length))()
+    np.testing.assert_array_equal(got.tokens[:, :length], want.tokens)
+    assert np.all(np.asarray(got.tokens[:, length:]) == PAD)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+  assert int(np.max(bucketed(9).lengths)) == 9      # some row did run to the limit
+  assert bucketed._cache_size() == 1                 # pylint: disable=protected-access
+
+
+def test_buffer_length_rounds_up_to_a_power_of_two_within_the_context():
+  assert [decode.buffer_length(n, 63) for n in (1, 8, 16, 17, 33, 63)] == [16, 16, 16, 32, 63, 63]
+  assert decode.buffer_length(20, 24) == 24      # capped by what fits
+  assert decode.buffer_length(20, 10) == 20      # never below the request
+  with pytest.raises(ValueError, match="max_len must be >= 1"):
+    decode.buffer_length(0, 10)
+
+
 def test_bad_arguments():
   step_fn, _, init_cache = make_rnn(0)
   with pytest.raises(ValueError, match="beam_size"):
@@ -158,3 +192,6 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="alpha"):
     decode.beam_search(step_fn, init_cache(1), batch_size=1, beam_size=1, max_len=3, bos_id=BOS,
                        eos_id=EOS, alpha=-1.0)
+  with pytest.raises(ValueError, match=r"stop_at=5 must be in \[1, max_len=3\]"):
+    decode.greedy(step_fn, init_cache(1), batch_size=1, max_len=3, bos_id=BOS, eos_id=EOS,
+                  stop_at=5)

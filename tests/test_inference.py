@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -145,6 +146,19 @@ def test_inference_api(run, shapes_data_dir, tmp_path):
   assert len(greedy) == 3 and all(isinstance(c, str) for c in greedy)
   assert model.generate(images, max_len=8, beam=1) == greedy
   assert len(model.generate(images, max_len=8, beam=2, length_penalty=0.6)) == 3
+  # Lengths up to a power of two (and 3 or 4 images) share one compiled function, and give what
+  # the task's generate compiled for exactly that length gives.
+  compiled = lambda: {k: f._cache_size() for k, f in model._ctx._jitted.items()  # pylint: disable=protected-access
+                      if k[0] == "generate"}
+  before = compiled()
+  short = model.generate(images, max_len=5)
+  assert len(model.generate(np.concatenate([images, images[:1]]), max_len=11)) == 4
+  assert compiled() == before
+  tok = model.tokenizer
+  exact = jax.jit(lambda p, b: model.task.predict_fns(model.config, model.module)["generate"](
+      p, b, max_len=5, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)[0])
+  with model._ctx.scope():  # pylint: disable=protected-access
+    assert short == tok.decode(np.asarray(exact(model.params, {"image": images})))
 
   probs = model.classify(images, ["red circle", "blue square", "green triangle"])
   assert probs.shape == (3, 3)

@@ -17,6 +17,12 @@ Outputs are int32 [B, max_len] with `pad_id` after the end of each sequence, i.e
 tokenizer decodes. Both functions are pure and jit-compatible (`max_len`, `beam_size` and the token
 ids are static) and loop with `lax.while_loop`, exiting early once every sequence is finished.
 
+`max_len` sizes the buffers (tokens, and the callers' KV caches); `stop_at`, which may be a traced
+scalar, is how many tokens are generated (default `max_len`). Callers compile once per buffer
+size and pass the requested length as an argument: `buffer_length` rounds a request up to a
+power of two, so asking for 8, 12 or 16 tokens runs one compiled function (before, every new
+length compiled again).
+
 Scores are sums of token log-probabilities; beam search ranks finished hypotheses by
 `score / length_penalty(length)` with the GNMT penalty ((5 + length) / 6) ** alpha, where length
 counts generated tokens including eos (alpha = 0 ranks by raw log-probability).
@@ -47,6 +53,26 @@ def length_penalty(length, alpha):
 SHARED_PREFIX = "context_"
 
 
+def buffer_length(max_len: int, room: int, minimum: int = 16) -> int:
+  """The static buffer that serves a request for `max_len` tokens: the next power of two >=
+  max_len (at least `minimum`), at most `room` (what fits in the model's context), and never less
+  than max_len itself."""
+  max_len, room = int(max_len), int(room)
+  if max_len < 1:
+    raise ValueError(f"max_len must be >= 1, got {max_len}")
+  bucket = max(int(minimum), 1 << (max_len - 1).bit_length())
+  return max(max_len, min(bucket, room))
+
+
+def _stop_at(stop_at, max_len: int):
+  """The number of tokens to generate, as an int32 scalar (<= max_len, the buffer length)."""
+  if stop_at is None:
+    return jnp.array(max_len, jnp.int32)
+  if isinstance(stop_at, int) and not 1 <= stop_at <= max_len:
+    raise ValueError(f"stop_at={stop_at} must be in [1, max_len={max_len}]")
+  return jnp.minimum(jnp.asarray(stop_at, jnp.int32), max_len)
+
+
 def _gather_beams(tree, indices, batch, beam):
   """Reorders every per-sequence leaf [batch * beam, ...] by `indices` int32 [batch, beam]
   (beams only move within their example, so leaves shared by an example's beams are kept)."""
@@ -61,13 +87,14 @@ def _gather_beams(tree, indices, batch, beam):
 
 
 def greedy(logits_fn: LogitsFn, cache, *, batch_size: int, max_len: int, bos_id: int,
-           eos_id: int, pad_id: int = 0) -> DecodeResult:
-  """Greedy decoding: the arg-max token at every step, until eos or `max_len` tokens."""
+           eos_id: int, pad_id: int = 0, stop_at=None) -> DecodeResult:
+  """Greedy decoding: the arg-max token at every step, until eos or `stop_at` tokens."""
   b = batch_size
+  limit = _stop_at(stop_at, max_len)
 
   def cond(state):
     step, _, _, done, _, _ = state
-    return (step < max_len) & ~jnp.all(done)
+    return (step < limit) & ~jnp.all(done)
 
   def body(state):
     step, last, cache, done, out, score = state
@@ -107,7 +134,8 @@ class _BeamState(NamedTuple):
 
 
 def beam_search(logits_fn: LogitsFn, cache, *, batch_size: int, beam_size: int, max_len: int,
-                bos_id: int, eos_id: int, pad_id: int = 0, alpha: float = 0.0) -> DecodeResult:
+                bos_id: int, eos_id: int, pad_id: int = 0, alpha: float = 0.0,
+                stop_at=None) -> DecodeResult:
   """Beam search with `beam_size` beams per example and GNMT length penalty `alpha`.
 
   `cache` must already be laid out for batch_size * beam_size sequences (example-major: the
@@ -115,12 +143,13 @@ def beam_search(logits_fn: LogitsFn, cache, *, batch_size: int, beam_size: int, 
 
   At each step the 2K best continuations of the alive beams are taken (so that K of them are not
   eos); those among the K best that end in eos join the finished pool (best K kept, by penalised
-  score), the best K that do not end stay alive. Hypotheses still alive after `max_len` tokens compete as truncated ones.
-  The loop stops early once no alive beam can beat the worst kept finished one. Returns the K
-  finished hypotheses of every example, best first.
+  score), the best K that do not end stay alive. Hypotheses still alive after `stop_at` tokens
+  (default max_len) compete as truncated ones. The loop stops early once no alive beam can beat
+  the worst kept finished one. Returns the K finished hypotheses of every example, best first.
   """
   b, k = batch_size, beam_size
   alpha = float(alpha)
+  limit = _stop_at(stop_at, max_len)
   if k < 1:
     raise ValueError(f"beam_size must be >= 1, got {k}")
   if alpha < 0:
@@ -128,12 +157,12 @@ def beam_search(logits_fn: LogitsFn, cache, *, batch_size: int, beam_size: int, 
 
   def cond(s: _BeamState):
     # The best an alive beam can still reach: its log-prob can only fall, and with alpha >= 0 the
-    # penalty divides by at most length_penalty(max_len).
+    # penalty divides by at most length_penalty(limit).
     best_alive = jnp.max(s.alive_logp, axis=-1)
-    bound = jnp.where(best_alive < 0, best_alive / length_penalty(max_len, alpha), best_alive)
+    bound = jnp.where(best_alive < 0, best_alive / length_penalty(limit, alpha), best_alive)
     worst_fin = jnp.min(s.fin_scores, axis=-1)
     can_improve = (bound > worst_fin) & (best_alive > NEG_INF / 2)
-    return (s.step < max_len) & jnp.any(can_improve)
+    return (s.step < limit) & jnp.any(can_improve)
 
   def body(s: _BeamState):
     last = jnp.where(s.step == 0, bos_id,
@@ -187,7 +216,7 @@ def beam_search(logits_fn: LogitsFn, cache, *, batch_size: int, beam_size: int, 
       cache=cache)
   s = jax.lax.while_loop(cond, body, init)
 
-  # Hypotheses still alive (only possible when the loop ran to max_len) compete as truncated.
+  # Hypotheses still alive (only possible when the loop ran to the limit) compete as truncated.
   alive_scores = jnp.where(s.alive_logp > NEG_INF / 2,
                            s.alive_logp / length_penalty(s.step, alpha), NEG_INF)
   all_seqs = jnp.concatenate([s.fin_seqs, s.alive_seqs], axis=1)

@@ -178,16 +178,20 @@ class Model:
     prompt (prompts of different lengths share a batch: they are left-padded and prefilled in
     one pass). A prompt longer than the model's context is cut at its end, with a warning."""
     captioning.check_generation(self._ctx, "generate")
-    static = captioning.generate_kwargs(self._ctx, max_len, beam, length_penalty)
+    requested = captioning.max_decode_len(self._ctx, max_len)
     generate = self._ctx.predict_fn("generate")
     images = self._images(images)
     rows = {"image": images}
     if prompts is not None:
-      rows["prompt"] = self._prompts(prompts, len(images), static["max_len"])
-    fn = lambda p, b: generate(p, b, **static)[0]
+      rows["prompt"] = self._prompts(prompts, len(images), requested)
+    # One compiled function serves every max_len up to its buffer (a power of two).
+    static, requested = captioning.generate_kwargs(
+        self._ctx, requested, beam, length_penalty,
+        prompt_len=rows["prompt"].shape[1] if prompts is not None else 0)
+    fn = lambda p, b, stop_at: generate(p, b, stop_at=stop_at, **static)[0]
     tokens = self._ctx.run_rows(("generate", tuple(sorted(static.items()))), fn, rows,
-                                batch_size or 16)
-    return self.tokenizer.decode(tokens) if tokens is not None else []
+                                batch_size or 16, np.int32(requested))
+    return self.tokenizer.decode(tokens[:, :requested]) if tokens is not None else []
 
   def logits(self, token_ids, batch_size: Optional[int] = None) -> np.ndarray:
     """Next-token logits float32 [N, L, vocab] of int token ids [N, L] (a causal_lm model,

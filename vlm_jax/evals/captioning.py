@@ -21,6 +21,7 @@ from typing import Dict, List, Mapping, Sequence
 from absl import logging
 import numpy as np
 
+from vlm_jax import decoding
 from vlm_jax.data import ops
 from vlm_jax.data import retrieval
 from vlm_jax.evals import common
@@ -238,12 +239,20 @@ def max_decode_len(ctx: "common.EvalContext", requested=None) -> int:
   return int(requested)
 
 
-def generate_kwargs(ctx: "common.EvalContext", max_len, beam_size, length_penalty) -> dict:
-  """The static arguments of the task's 'generate' predict function."""
+def generate_kwargs(ctx: "common.EvalContext", max_len, beam_size, length_penalty,
+                    prompt_len: int = 0) -> tuple:
+  """(the static arguments of the task's 'generate' predict function, the tokens to generate).
+
+  The static `max_len` is the token buffer: the request rounded up to a power of two that fits
+  the context after a prompt of `prompt_len` tokens (`decoding.buffer_length`); the request
+  itself is passed as `stop_at`, a traced argument. So requests for different lengths share one
+  compiled function. Callers cut the outputs to the request."""
   tok = ctx.tokenizer
-  return dict(max_len=max_decode_len(ctx, max_len), beam_size=int(beam_size or 1),
+  requested = max_decode_len(ctx, max_len)
+  buffer = decoding.buffer_length(requested, ctx.context_length - 1 - int(prompt_len))
+  return dict(max_len=buffer, beam_size=int(beam_size or 1),
               length_penalty=float(length_penalty or 0.0), bos_id=int(tok.bos_id),
-              eos_id=int(tok.eos_id), pad_id=int(tok.pad_id))
+              eos_id=int(tok.eos_id), pad_id=int(tok.pad_id)), requested
 
 
 def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, float]:
@@ -260,13 +269,16 @@ def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, floa
                      f"expected one of {', '.join(CAPTION_TOKENIZERS)}")
   use_java = {"auto": None, "java": True, "python": False}[scorer_tok]
   with_nll = bool(eval_config.get("loglik", True))
-  static = generate_kwargs(ctx, eval_config.get("max_len"), eval_config.get("beam_size"),
-                           eval_config.get("length_penalty"))
+  prompt_len = (retrieval_prompt_length(ctx.config, eval_config)
+                if eval_config.get("neighbours") else 0)
+  static, requested = generate_kwargs(ctx, eval_config.get("max_len"),
+                                      eval_config.get("beam_size"),
+                                      eval_config.get("length_penalty"), prompt_len)
   generate = ctx.predict_fn("generate", who)
   caption_nll = ctx.predict_fn("caption_nll", who) if with_nll else None
 
-  def fn(params, batch):
-    tokens, _ = generate(params, batch, **static)
+  def fn(params, batch, stop_at):
+    tokens, _ = generate(params, batch, stop_at=stop_at, **static)
     out = dict(tokens=tokens, mask=batch["mask"], captions=batch["captions"],
                captions_mask=batch["captions_mask"])
     if with_nll:
@@ -281,9 +293,9 @@ def evaluate(ctx: "common.EvalContext", tag: str, eval_config) -> Dict[str, floa
   nll_sum, ntok_sum, prompts_cut = 0.0, 0.0, 0
   for batch in common.iterate_batches(ctx, data, field_ops,
                                       common.entry_batch_size(ctx.config, eval_config), who=who):
-    out = ctx.call(key, fn, batch)
+    out = ctx.call(key, fn, batch, np.int32(requested))
     mask = out["mask"]
-    predictions.extend(tok.decode(out["tokens"][mask]))
+    predictions.extend(tok.decode(out["tokens"][mask][:, :requested]))
     for caps, cmask in zip(out["captions"][mask], out["captions_mask"][mask]):
       references.append(tok.decode(caps[cmask]))
     if "prompt_truncated" in out:

@@ -149,12 +149,14 @@ class EvalContext:
     return jax.tree.map(np.asarray, out)
 
   # ---- arrays known to every process -------------------------------------------------------------
-  def run_rows(self, key, fn: Callable, rows: Dict[str, np.ndarray], batch_size: int):
-    """Applies `fn(params, batch)` to `rows` (dict of arrays with N rows, identical on every
-    process) in padded chunks; returns fn's outputs (trees of [N, ...] arrays) concatenated."""
+  def run_rows(self, key, fn: Callable, rows: Dict[str, np.ndarray], batch_size: int, *args):
+    """Applies `fn(params, batch, *args)` to `rows` (dict of arrays with N rows, identical on
+    every process) in padded chunks; returns fn's outputs (trees of [N, ...] arrays)
+    concatenated. `args` (e.g. scalars) are passed to every call as they are."""
     n = len(next(iter(rows.values())))
-    # Inputs smaller than a batch are padded only to the next multiple of the device count.
-    bs = self.global_batch_size(min(int(batch_size), max(n, 1)))
+    # Inputs smaller than a batch are padded to a power of two (then to a multiple of the device
+    # count), so that calls with 3, 5 or 7 rows share one compiled function.
+    bs = self.global_batch_size(min(int(batch_size), 1 << max(n - 1, 0).bit_length()))
     local = bs // jax.process_count()
     start_local = jax.process_index() * local
     outs = []
@@ -164,7 +166,7 @@ class EvalContext:
       valid = min(bs, n - start)
       host = {k: v[start_local:start_local + local] for k, v in chunk.items()}
       batch = sharding.make_global_batch(host, self.mesh)
-      out = self.call(key, fn, batch)
+      out = self.call(key, fn, batch, *args)
       outs.append(jax.tree.map(lambda x, valid=valid: x[:valid], out))
     if not outs:
       return None

@@ -68,9 +68,10 @@ def caption_predict_fns(model) -> dict:
   `decode(image_tokens, text, decode=...)` (CoCa, Captioner)."""
 
   def generate(params, batch, *, max_len: int, bos_id: int, eos_id: int, pad_id: int = PAD_ID,
-               beam_size: int = 1, length_penalty: float = 0.0):
+               beam_size: int = 1, length_penalty: float = 0.0, stop_at=None):
     """batch['image'] -> (tokens int32 [B, max_len], scores float32 [B]): greedy when
-    beam_size == 1, else the best beam; both decode one token per step with the KV cache."""
+    beam_size == 1, else the best beam; both decode one token per step with the KV cache.
+    `max_len` sizes the buffers; `stop_at` (may be traced) generated tokens, default max_len."""
     images = batch["image"]
     image_tokens = model.apply({"params": params}, images, method="image_tokens")
     size = images.shape[0]
@@ -84,7 +85,8 @@ def caption_predict_fns(model) -> dict:
                                     mutable=["cache"])
       return logits[:, 0], mutated["cache"]
 
-    kw = dict(batch_size=size, max_len=max_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    kw = dict(batch_size=size, max_len=max_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+              stop_at=stop_at)
     if beam_size == 1:
       res = decoding.greedy(logits_fn, cache, **kw)
       return res.tokens, res.scores

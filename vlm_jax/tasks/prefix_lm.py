@@ -52,9 +52,10 @@ def generate_fn(model):
   """generate(params, batch, ...) of any PrefixLM."""
 
   def generate(params, batch, *, max_len: int, bos_id: int, eos_id: int, pad_id: int = PAD_ID,
-               beam_size: int = 1, length_penalty: float = 0.0):
+               beam_size: int = 1, length_penalty: float = 0.0, stop_at=None):
     """batch['image'] [B, ...] and optionally batch['prompt'] int32 [B, P] (left-padded with
-    pad_id) -> (tokens int32 [B, max_len], scores float32 [B])."""
+    pad_id) -> (tokens int32 [B, max_len], scores float32 [B]). `max_len` sizes the buffers;
+    `stop_at` (may be traced) is the number of generated tokens, default max_len."""
     p = {"params": params}
     prefix = model.apply(p, batch["image"], method="image_prefix")
     b, n = prefix.shape[:2]
@@ -80,7 +81,8 @@ def generate_fn(model):
                                     decode=True, method="lm_step", mutable=["cache"])
       return logits[:, 0], mutated["cache"]
 
-    kw = dict(batch_size=b, max_len=max_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    kw = dict(batch_size=b, max_len=max_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+              stop_at=stop_at)
     if beam_size == 1:
       res = decoding.greedy(logits_fn, cache, **kw)
       return res.tokens, res.scores
