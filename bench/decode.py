@@ -117,10 +117,8 @@ def run(config, batch: int, lengths, beams, repeats: int, seed: int = 0) -> list
   return records
 
 
-def openclip_run(batch: int, lengths, beams, repeats: int, seed: int = 0,
-                 model_cfg=None) -> list:
-  """open_clip's CoCa.generate on its coca_ViT-B-32 model (or `model_cfg`, a dict of CoCa's
-  arguments); one record per (beam, length)."""
+def openclip_model(cfg: dict, seed: int = 0, device: str = "cpu"):
+  """open_clip's CoCa built from `cfg` (CoCa's arguments), random-init, in eval mode."""
   import torch  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
   import openclip_reference  # pylint: disable=g-import-not-at-top
@@ -129,11 +127,27 @@ def openclip_run(batch: int, lengths, beams, repeats: int, seed: int = 0,
     raise ValueError("--peer openclip: open_clip is not installed (`make install-test` "
                      "installs it)")
   torch.manual_seed(seed)
+  model = coca_model.CoCa(**{k: v for k, v in cfg.items() if k != "custom_text"})
+  # open_clip's multimodal decoder never initialises its vocabulary projection (its
+  # init_parameters, which would, is not called, and fails if called: it reads a `transformer`
+  # attribute the class does not have), so the projection is torch.empty memory: at times inf
+  # or NaN, and then generate fails. Initialise it as that function means to.
+  decoder = model.text_decoder
+  torch.nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
+  return model.eval().to(device)
+
+
+def openclip_run(batch: int, lengths, beams, repeats: int, seed: int = 0,
+                 model_cfg=None) -> list:
+  """open_clip's CoCa.generate on its coca_ViT-B-32 model (or `model_cfg`, a dict of CoCa's
+  arguments); one record per (beam, length)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+  import openclip_reference  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   cfg = dict(model_cfg or openclip_reference.model_config("coca_ViT-B-32"))
-  cfg.pop("custom_text", None)
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  model = coca_model.CoCa(**cfg).eval().to(device)
+  model = openclip_model(cfg, seed, device)
   vocab = cfg["text_cfg"]["vocab_size"]
   size = cfg["vision_cfg"]["image_size"]
   images = torch.randn(batch, 3, size, size, device=device)
