@@ -76,6 +76,7 @@ if ((!dry_run)); then
   esac
 fi
 
+declare -A dry_run_covered=()
 if ((dry_run)); then
   # (no compilation cache here: a multi-device CPU step loaded from it can deadlock, README)
   clip=(--config=configs/bench_cpu_clip.py:tiny --config.batch_size=4)
@@ -87,6 +88,10 @@ if ((dry_run)); then
   floor=(--repeats=1 --min_time=0.001 --torch=false)
   ab=(--rounds=1 --steps_per_round=1)
   flash=xla          # cuDNN's kernel needs a GPU; the dry run checks the stage with XLA's
+  # Stages whose every part another dry-run stage already runs (the same script and flags, the
+  # same config): a dry run checks the script, and these would only compile the same thing again.
+  dry_run_covered[train_step/flash_attention]="the step of attention_ab's ${flash} variant"
+  dry_run_covered[prefix_lm_attention_ab]="option_ab.py runs in attention_ab, the prefix-LM step in train_step/prefix_lm"
   parity=(--impls=xla --batch=2 --heads=2)
 else
   clip=(--config=configs/bench_vit_b16_clip.py "--config.batch_size=${BATCH:-128}")
@@ -105,6 +110,11 @@ fi
 run_stage() {
   local name="$1"; shift
   [[ -n "${only}" && ",${only}," != *",${name},"* ]] && return
+  if ((dry_run)) && [[ -n "${dry_run_covered[${name}]:-}" ]]; then
+    echo "{\"stage\": \"${name}\", \"skipped\": \"dry run: ${dry_run_covered[${name}]}\"}" \
+        >> "${results}"
+    return
+  fi
   local log="${out}/${name//\//_}.log" start rc limit
   start=$(date +%s)
   limit=$(( deadline - (start - script_start) ))

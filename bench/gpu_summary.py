@@ -35,7 +35,7 @@ def rows(records):
                                                 "variant") if k in r)
     if "mask" in r:   # attention_parity
       setting = f"impl={r.get('impl')}, mask={r['mask']}"
-    note = r.get("failed") or r.get("not_available") or r.get("error") or ""
+    note = r.get("failed") or r.get("skipped") or r.get("not_available") or r.get("error") or ""
     if r.get("failed") and r.get("error_tail"):
       note += ": " + r["error_tail"][-1][:120]
     yield (f"| {r['stage']} | {setting} | " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS)
