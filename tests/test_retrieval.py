@@ -124,6 +124,70 @@ def test_embed_resumes_without_recomputing_and_matches_the_model(clip_run, tmp_p
     embed_lib.embed(model, data, out, shard_size=16, progress=False)
 
 
+def _write_tar_and_jsonl(folder, num_tars, per_tar):
+  """The same images and captions as tar shards (`{folder}/{s:05d}.tar`, a .jpg and a .txt per
+  sample) and as a jsonl file with the images beside it. Returns the tar pattern."""
+  import io  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  os.makedirs(os.path.join(folder, "images"))
+  with open(os.path.join(folder, "captions.jsonl"), "w") as jsonl:
+    for s in range(num_tars):
+      with tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tar:
+        for i in range(per_tar):
+          buf = io.BytesIO()
+          Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
+          caption = f"a red circle number {s * per_tar + i}"
+          for name, data in ((f"k{i:03d}.jpg", buf.getvalue()), (f"k{i:03d}.txt",
+                                                                  caption.encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+          image = f"images/{s}_{i}.jpg"
+          with open(os.path.join(folder, image), "wb") as f:
+            f.write(buf.getvalue())
+          jsonl.write(json.dumps({"image": image, "caption": caption}) + "\n")
+  return os.path.join(folder, "{00000..%05d}.tar" % (num_tars - 1))
+
+
+def test_embed_reads_tar_shards_one_output_shard_per_tar_and_resumes(clip_run, tmp_path):
+  """Tar shards embed to what the same images and captions give from a jsonl file, one output
+  shard per tar file; a stopped run continues with the first unfinished tar; a truncated tar
+  gives its samples up to the damage and one skipped example."""
+  _, model = clip_run
+  pattern = _write_tar_and_jsonl(str(tmp_path / "data"), 3, 7)
+  data = embed_lib.split_data_config(model.config, "eval")
+  tars = type(data)(dict(data.to_dict(), source="wds", eval_shards=pattern))
+  out = str(tmp_path / "tars")
+  first = embed_lib.embed(model, tars, out, max_shards=1, progress=False)
+  assert sorted(first["shards"]) == ["0"] and not first["complete"] and \
+      first["num_shards"] == 3
+  stamp = os.stat(os.path.join(out, "images-00000.npy")).st_mtime_ns
+  done = embed_lib.embed(model, tars, out, shard_size=5, progress=False)   # (ignored for tars)
+  assert done["complete"] and [done["shards"][str(i)]["images"] for i in range(3)] == [7, 7, 7]
+  assert os.stat(os.path.join(out, "images-00000.npy")).st_mtime_ns == stamp
+  jsonl = type(data)(dict(data.to_dict(), source="jsonl",
+                          eval_jsonl=str(tmp_path / "data" / "captions.jsonl")))
+  reference = str(tmp_path / "jsonl")
+  embed_lib.embed(model, jsonl, reference, shard_size=7, progress=False)
+  for kind in ("images", "texts"):
+    got, rows, _ = embed_lib.read(out, kind)
+    want, want_rows, _ = embed_lib.read(reference, kind)
+    assert got.shape == want.shape == (21, 32)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  assert rows[8]["id"] == "00001.tar/k001#0" and rows[8]["caption"] == "a red circle number 8"
+  assert [r["caption"] for r in rows] == [r["caption"] for r in want_rows]
+
+  # A fourth tar: the third one cut in half.
+  whole = (tmp_path / "data" / "00002.tar").read_bytes()
+  (tmp_path / "data" / "00003.tar").write_bytes(whole[:len(whole) // 2])
+  damaged = type(data)(dict(tars.to_dict(), eval_shards=pattern.replace("00002", "00003")))
+  result = embed_lib.embed(model, damaged, str(tmp_path / "damaged"), progress=False)
+  assert result["complete"] and result["shards"]["3"]["images"] < 7
+  assert result["skipped"] == {"3": 1}
+
+
 @pytest.fixture(scope="module")
 def eval_embeddings(clip_run, tmp_path_factory):
   """The run's eval split (64 images) embedded in 2 shards."""

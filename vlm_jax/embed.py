@@ -22,8 +22,12 @@ the first unfinished shard (finished ones are neither read nor computed again). 
 another model or other settings in --out are refused, never mixed. Examples that cannot be
 read (a corrupt image) are skipped and counted in the manifest, as in training.
 
-Needs a random-access source (TFDS, jsonl, image folders): tar shards are read as a stream and
-cannot be cut into resumable shards.
+Tar shards (`data.source='wds'`) are embedded one output shard per tar file (`--shard_size`
+does not apply; `row` is the sample's index in its tar file): a tar's headers are read when its
+turn comes, every process reads its share of that tar's samples by their offsets, and a killed
+run continues with the first unfinished tar. A truncated tar contributes its samples up to the
+damage (the damage counts as one skipped example). TFRecord-only TFDS datasets are read as a
+stream and refused.
 
 `read(dir, kind)` loads (vectors, rows) for `vlm_jax.index build`.
 """
@@ -114,6 +118,10 @@ class RowIndex:
     return {"row": np.asarray([e["_row"] for e in examples], np.int32)}
 
 
+def _whole(source) -> _Range:
+  return _Range(source, 0, len(source))
+
+
 def _start_manifest(out_dir: str, settings: dict) -> dict:
   """The manifest to continue (its settings must be these), or a new one."""
   path = os.path.join(out_dir, "manifest.json")
@@ -124,8 +132,9 @@ def _start_manifest(out_dir: str, settings: dict) -> dict:
     return dict(settings, format=FORMAT, shards={}, skipped={})
   with open(path) as f:
     manifest = json.load(f)
+  # (The example and shard counts follow from the data, which is compared.)
   different = [f"{k}: {manifest.get(k)!r} there, {v!r} now" for k, v in settings.items()
-               if k != "num_examples" and manifest.get(k) != v]
+               if k not in ("num_examples", "num_shards") and manifest.get(k) != v]
   if manifest.get("format") != FORMAT or different:
     raise ValueError(f"embed: {out_dir} holds embeddings made with other settings "
                      f"({'; '.join(different) or 'format ' + repr(manifest.get('format'))}); "
@@ -153,20 +162,25 @@ def embed(model: inference.Model, data, out_dir: str, *, what: Sequence[str] = K
   if "texts" in what:
     field_ops.append(ops.AllCaptions(ctx.tokenizer, ctx.context_length, max_captions))
   source = sources.make_source(data, "eval")
-  if not getattr(source, "random_access", False):
-    raise ValueError(f"embed: data.source={data.source!r} ({source.describe()}) is read as a "
-                     "stream; embed needs a random-access source (tfds, jsonl, imagefolder) "
-                     "to cut it into resumable shards")
   sources.check_fields(source, field_ops, "embed")
-  n = len(source)
+  if getattr(source, "random_access", False):
+    n = len(source)
+    num_shards = math.ceil(n / shard_size)
+    shard_range = lambda i: _Range(source, i * shard_size, min(n, (i + 1) * shard_size))
+  elif hasattr(source, "shard_source"):        # tar shards: one output shard per tar file
+    n, shard_size, num_shards = None, None, len(source.shards)
+    shard_range = lambda i: _whole(source.shard_source(i))
+  else:
+    raise ValueError(f"embed: data.source={data.source!r} ({source.describe()}) is read as a "
+                     "stream; embed needs a source it can cut into resumable shards (tfds with "
+                     "array_record files, jsonl, imagefolder, tar shards)")
   settings = {"model": model.identity(), "data": data_description(data), "what": list(what),
-              "shard_size": int(shard_size), "max_captions": int(max_captions),
-              "num_examples": n}
+              "shard_size": shard_size, "max_captions": int(max_captions),
+              "num_examples": n, "num_shards": num_shards}
   writer = jax.process_index() == 0
   manifest = _start_manifest(out_dir, settings)
   if writer:
     os.makedirs(out_dir, exist_ok=True)
-  num_shards = math.ceil(n / shard_size)
   done = np.asarray([str(i) in manifest["shards"] for i in range(num_shards)], bool)
   if jax.process_count() > 1:
     # Process 0's manifest decides (the others may not see its folder).
@@ -177,11 +191,10 @@ def embed(model: inference.Model, data, out_dir: str, *, what: Sequence[str] = K
     todo = todo[:max(0, int(max_shards))]
   bar = console.bar(total=len(todo), desc="embed", unit="shard", enabled=progress)
   for i in todo:
-    start, end = i * shard_size, min(n, (i + 1) * shard_size)
-    rows, images, texts, skipped = _embed_shard(ctx, data, field_ops, _Range(source, start, end),
-                                                what, batch_size)
+    shard = shard_range(i)
+    rows, images, texts, skipped = _embed_shard(ctx, data, field_ops, shard, what, batch_size)
     if writer:
-      _write_shard(out_dir, i, source, rows, images, texts, what, max_captions)
+      _write_shard(out_dir, i, shard.source, rows, images, texts, what, max_captions)
       manifest["shards"][str(i)] = {"images": len(rows), "texts": len(texts)}
       if skipped:
         manifest["skipped"][str(i)] = skipped
@@ -266,7 +279,8 @@ def read(out_dir: str, kind: str) -> tuple[np.ndarray, list, dict]:
   if kind not in manifest["what"]:
     raise ValueError(f"embeddings: {out_dir} holds {', '.join(manifest['what'])}, not {kind}")
   if not manifest.get("complete"):
-    total = math.ceil(manifest["num_examples"] / manifest["shard_size"])
+    total = manifest.get("num_shards") or math.ceil(manifest["num_examples"] /
+                                                    manifest["shard_size"])
     raise ValueError(f"embeddings: {out_dir} is unfinished ({len(manifest['shards'])} of "
                      f"{total} shards); run the same `vlm_jax.embed` command again to finish it")
   vectors, rows = [], []
@@ -301,7 +315,8 @@ def define_flags():
   _FLAGS["step"] = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   _FLAGS["split"] = flags.DEFINE_enum("split", "eval", ["eval", "train"], "Which split to read.")
   _FLAGS["what"] = flags.DEFINE_list("what", list(KINDS), "images and/or texts.")
-  _FLAGS["shard_size"] = flags.DEFINE_integer("shard_size", 4096, "Images per output shard.")
+  _FLAGS["shard_size"] = flags.DEFINE_integer("shard_size", 4096, "Images per output shard "
+                                              "(tar shards: one output shard per tar file).")
   _FLAGS["max_captions"] = flags.DEFINE_integer("max_captions", 5, "Captions per image.")
   _FLAGS["batch_size"] = flags.DEFINE_integer("batch_size", None,
                                               "Global batch (default: evals.batch_size).")

@@ -173,6 +173,33 @@ def read_tar_sample(path, key, files):
   return {"image": image, "captions": captions, "label": label, "key": full_key}
 
 
+class TarShardSource:
+  """Random access to the samples of one tar shard through its header index (`vlm_jax.embed`
+  writes one output shard per tar file). A truncated shard ends with one `truncated_shard` error
+  example that carries the number of samples known lost."""
+
+  random_access = True
+
+  def __init__(self, index: ShardIndex, provides):
+    self.index, self.provides = index, provides
+
+  def __len__(self):
+    return len(self.index.samples) + int(self.index.truncated)
+
+  def __getitem__(self, i):
+    if i == len(self.index.samples) and self.index.truncated:
+      return dict(common.error("truncated_shard", os.path.basename(self.index.path)),
+                  lost=self.index.lost)
+    key, files = self.index.samples[i]
+    return read_tar_sample(self.index.path, key, files)
+
+  def describe(self):
+    return f"tar shard {self.index.path!r} ({len(self.index.samples)} samples)"
+
+  def class_names(self):
+    return None
+
+
 class WdsSource:
   """WebDataset-style tar shards (`key.jpg|jpeg|png|webp` + `key.txt` or `key.json` with
   "caption"; optional `key.cls` label), the layout img2dataset writes.
@@ -212,6 +239,10 @@ class WdsSource:
         self._cache.pop(next(iter(self._cache)))
       self._cache[path] = index_shard(path)
     return self._cache[path]
+
+  def shard_source(self, i: int) -> TarShardSource:
+    """Random access to the samples of the i-th shard file (its headers are read once)."""
+    return TarShardSource(self._index(self.shards[i]), self.provides)
 
   def process_shards(self, process_index, process_count, require_all=True):
     shards = self.shards[process_index::process_count]
