@@ -99,13 +99,22 @@ def test_cli_overrides_the_saved_config_with_a_linear_probe(run):
   it: a linear probe of the trained image tower."""
   workdir, _, _ = run
   cmd = [sys.executable, "-m", "vlm_jax.evaluate", f"--workdir={workdir}",
-         "--config.evals.run=linear_probe", "--config.evals.linear_probe.max_train_examples=128"]
+         "--config.evals.run=linear_probe", "--config.evals.linear_probe.max_train_examples=128",
+         "--tag=probe"]
   proc = subprocess.run(cmd, cwd=train_utils.REPO, env=train_utils.subprocess_env(),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   printed = json.loads(proc.stdout.strip().splitlines()[-1])
   assert set(printed) == {"step", "linear_probe/shapes/top1", "linear_probe/shapes/l2",
                           "linear_probe/shapes/num_train", "linear_probe/shapes/num_test"}
+  # The tagged evaluation has its own file; the untagged one of this step is not overwritten.
+  with open(os.path.join(workdir, "eval", f"metrics_{STEPS}_probe.json")) as f:
+    assert json.load(f) == printed
+  untagged = os.path.join(workdir, "eval", f"metrics_{STEPS}.json")
+  assert not os.path.exists(untagged) or "linear_probe/shapes/top1" not in json.load(
+      open(untagged))
+  with pytest.raises(ValueError, match="--tag 'a/b': use letters, digits"):
+    evaluate.check_tag("a/b")
   assert printed["linear_probe/shapes/num_train"] == 128
   assert 0.0 <= printed["linear_probe/shapes/top1"] <= 1.0
   bad = subprocess.run(cmd[:4] + ["--config.evals.linear_probe.max_train=5"],

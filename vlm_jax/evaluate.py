@@ -1,14 +1,15 @@
 r"""Evaluate a checkpoint with the evals of a config.
 
   python -m vlm_jax.evaluate --config configs/shapes_coca.py --workdir runs/shapes_coca \
-      [--step N] [--config.evals.run=zeroshot,caption --config.evals.caption.beam_size=3 ...]
+      [--step N] [--tag NAME] [--config.evals.run=zeroshot,caption ...]
 
 Restores the latest (or the given) checkpoint of DIR, runs `vlm_jax.evals.run_evals` with the
 config's `evals` section on the config's mesh (or data parallelism over all devices when it does
 not fit), writes DIR/eval/metrics_<step>.json (and the generated captions to
 DIR/eval/captions_<step>.json), and prints the metrics as one JSON object on the last line of
-standard output. Without --config the config saved in DIR (config.json) is used, with any
---config.<field>=<value> overrides applied to it.
+standard output. `--tag NAME` writes metrics_<step>_NAME.json (and captions_<step>_NAME.json,
+...) instead, so that several evaluations of one step are all kept. Without --config the config
+saved in DIR (config.json) is used, with any --config.<field>=<value> overrides applied to it.
 Every config field, with its value and help: python -m vlm_jax.config show configs/x.py[:arg]
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -39,16 +41,26 @@ def define_flags():
   _FLAGS["workdir"] = flags.DEFINE_string("workdir", None,
                                           "Run directory (or its checkpoints/ directory).")
   _FLAGS["step"] = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  _FLAGS["tag"] = flags.DEFINE_string("tag", None, "Suffix of the files written to DIR/eval "
+                                      "(keeps several evaluations of one step).")
   flags.mark_flags_as_required(["workdir"])
 
 
+def check_tag(tag):
+  """A tag is a file-name suffix: letters, digits, '.', '_' and '-' only."""
+  if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tag):
+    raise ValueError(f"--tag {tag!r}: use letters, digits, '.', '_' and '-' (it becomes part "
+                     "of file names)")
+
+
 def evaluate(config, workdir: str, step: int | None = None, *, mesh=None,
-             write: bool = True) -> tuple[dict, int]:
+             write: bool = True, tag: str | None = None) -> tuple[dict, int]:
   """Evaluates checkpoint `step` (latest if None) of `workdir`; returns (metrics, step).
 
   `config` None uses the config saved in the workdir. Metrics also go to
-  WORKDIR/eval/metrics_<step>.json when `write`.
+  WORKDIR/eval/metrics_<step>[_<tag>].json when `write`.
   """
+  check_tag(tag)
   loc = inference.locate(workdir, step)
   if config is None:
     config = inference.load_config(loc)
@@ -67,15 +79,16 @@ def evaluate(config, workdir: str, step: int | None = None, *, mesh=None,
   if write and jax.process_index() == 0:
     out_dir = os.path.join(loc.workdir or os.path.dirname(loc.checkpoints), "eval")
     os.makedirs(out_dir, exist_ok=True)
-    _write_json(os.path.join(out_dir, f"metrics_{loc.step}.json"),
+    suffix = f"{loc.step}_{tag}" if tag else f"{loc.step}"
+    _write_json(os.path.join(out_dir, f"metrics_{suffix}.json"),
                 {"step": loc.step, **_finite(metrics)})
     captions = {k: v for k, v in model.context.artifacts.items() if k.startswith("caption/")}
     if captions:
-      _write_json(os.path.join(out_dir, f"captions_{loc.step}.json"), captions)
+      _write_json(os.path.join(out_dir, f"captions_{suffix}.json"), captions)
     for key, answers in model.context.artifacts.items():
       if key.startswith("vqa/"):   # the official VQA results format, for the scorer CLI
-        tag = key.split("/", 1)[1].replace("/", "_")
-        _write_json(os.path.join(out_dir, f"vqa_results_{tag}_{loc.step}.json"), answers)
+        dataset = key.split("/", 1)[1].replace("/", "_")
+        _write_json(os.path.join(out_dir, f"vqa_results_{dataset}_{suffix}.json"), answers)
   return metrics, loc.step
 
 
@@ -115,7 +128,7 @@ def main(argv):
   try:
     loc = inference.locate(workdir, _FLAGS["step"].value)
     config = cli.load_config(saved=None if cli.config_spec() else inference.load_config(loc))
-    metrics, step = evaluate(config, workdir, loc.step)
+    metrics, step = evaluate(config, workdir, loc.step, tag=_FLAGS["tag"].value)
   except (FileNotFoundError, ValueError) as e:
     cli.fail(e)
   if jax.process_index() == 0:
