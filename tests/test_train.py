@@ -358,6 +358,56 @@ def test_skip_guards_give_the_same_states(shapes_data_dir, tokenizer_path):
     step_lib.make_train_step(None, rt.tx, rt.schedule, guard="maybe")
 
 
+def test_clip_with_the_step_norm_is_optax_clip():
+  """The clip that takes the train step's gradient norm scales like optax's own, given the norm
+  or not, below and above the threshold; with `freeze` optax's own is used (the step's norm
+  includes the frozen gradients)."""
+  from vlm_jax import optim  # pylint: disable=g-import-not-at-top
+  grads = {"a": jnp.arange(6.0).reshape(2, 3), "b": -jnp.ones((4,))}
+  norm = optax.global_norm(grads)
+  for max_norm in (0.5, 100.0):
+    theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    ours = optim.clip_by_given_global_norm(max_norm)
+    for kwargs in ({}, {"grad_norm": norm}):
+      got, state = ours.update(grads, ours.init(grads), **kwargs)
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), got, theirs)
+      assert state == optax.EmptyState()
+  # A wrong norm shows that the given one is used: twice the norm halves the clipped update.
+  clipped, _ = optim.clip_by_given_global_norm(0.5).update(grads, None, grad_norm=2 * norm)
+  np.testing.assert_allclose(clipped["b"], -0.5 / (2 * float(norm)), rtol=1e-6)
+  # With freeze the optimizer ignores a given norm (it clips the trained gradients by theirs).
+  cfg = config_utils.load_config(os.path.join(REPO, "configs/shapes_clip.py:tiny"), {
+      "freeze": "^image/", "optim.grad_clip_norm": 1e-3})
+  params = _params()
+  tx, _ = optim.make_optimizer(cfg, params)
+  ones = jax.tree.map(jnp.ones_like, params)
+  own, _ = tx.update(ones, tx.init(params), params)
+  given, _ = tx.update(ones, tx.init(params), params, grad_norm=jnp.float32(1e6))
+  jax.tree.map(np.testing.assert_array_equal, own, given)
+
+
+def test_clipping_with_the_step_norm_gives_the_same_states(shapes_data_dir, tokenizer_path):
+  """optim.clip_with_step_norm (the default) against optax's clip computing the norm again: the
+  same params and optimizer state after steps that clip (max norm 0.05)."""
+  from vlm_jax import sharding
+  batch = None
+  finals = {}
+  for reuse in (True, False):
+    cfg = tiny_config("clip", shapes_data_dir, tokenizer_path, schedule__warmup_steps=0,
+                      optim__grad_clip_norm=0.05, optim__clip_with_step_norm=reuse)
+    batch = batch or real_batches(cfg, 1, tokenizer_path)[0]
+    rt = runtime.Runtime.create(cfg, jax.devices()[:2])
+    with rt.context():
+      step, state = rt.make_step(), rt.init_state()
+      for _ in range(2):
+        state, metrics = step(state, sharding.make_global_batch(batch, rt.mesh))
+    assert float(metrics["grad_norm"]) > 0.05          # the clip acted
+    finals[reuse] = jax.device_get(state)
+  for field in ("params", "opt_state"):
+    a, b = getattr(finals[True], field), getattr(finals[False], field)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), a, b)
+
+
 def test_too_many_nonfinite_steps_stop_the_run(shapes_data_dir, tokenizer_path, tmp_path):
   # exp(1000) = inf: every step is non-finite from the start.
   cfg = tiny_config("clip", shapes_data_dir, tokenizer_path, model__logit_scale_init=1000.0,

@@ -42,6 +42,8 @@ def train_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.1       # decoupled (AdamW); applied to params with ndim >= 2 only
   c.optim.no_decay = ""            # regex over param paths also excluded from decay
   c.optim.grad_clip_norm = 1.0     # global-norm clipping; 0 / None = off
+  c.optim.clip_with_step_norm = True  # clip with the norm the step computes anyway (False: the
+                                      # clip computes it again, optax's own; the reference)
   c.freeze = ""                    # regex over param paths kept frozen (LiT: '^image/')
   c.ema_decay = placeholder(float)  # e.g. 0.9999: keep an EMA of the params (None = no EMA)
   c.ema_warmup = True              # decay min(ema_decay, (1+n)/(10+n)) after n updates

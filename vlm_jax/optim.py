@@ -116,12 +116,33 @@ def make_schedule(config: ml_collections.ConfigDict) -> Callable[[jnp.ndarray], 
 STATISTICS = r"(^|/)(running_mean|running_var)$"     # BatchNorm statistics (models/resnet.py)
 
 
+def clip_by_given_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """Global-norm clipping (as `optax.clip_by_global_norm`: updates scaled by max_norm / norm when
+  the norm exceeds max_norm) with the norm passed in as the extra argument `grad_norm`.
+
+  The train step computes the gradients' global norm anyway (the non-finite check, the
+  `grad_norm` metric); optax's clip would read every gradient again to compute it a second time,
+  inside the guarded update where XLA cannot share the two. Without `grad_norm` the norm is
+  computed here. No state (like optax's), so checkpoints are the same with either clip.
+  """
+  def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+    within = jnp.squeeze(norm < max_norm)
+    clip = lambda g: jax.lax.select(within, g, (g / norm.astype(g.dtype)) * max_norm)
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params: PyTree
                    ) -> tuple[optax.GradientTransformation, Callable]:
   """Returns (optimizer, schedule).
 
   Chain: [global-norm clip] -> AdamW(schedule, masked decay); frozen params (config.freeze) are
-  routed to `set_to_zero` by `multi_transform`, so they carry no Adam moments.
+  routed to `set_to_zero` by `multi_transform`, so they carry no Adam moments. The clip takes
+  the train step's `grad_norm` (`optim.clip_with_step_norm`), except with `freeze`: the step's
+  norm covers the frozen gradients too, the clip's only the trained ones.
   """
   o = config.optim
   schedule = make_schedule(config)
@@ -129,7 +150,10 @@ def make_optimizer(config: ml_collections.ConfigDict, params: PyTree
                       mask=lambda p: decay_mask(p, o.no_decay))
   parts = []
   if o.grad_clip_norm:
-    parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+    if o.get("clip_with_step_norm", True) and not config.freeze:
+      parts.append(clip_by_given_global_norm(o.grad_clip_norm))
+    else:
+      parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
   parts.append(adamw)
   tx = optax.chain(*parts)
   # BatchNorm's running statistics are params that no gradient moves (the train step writes

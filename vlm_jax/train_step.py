@@ -167,13 +167,16 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
   param norms, the learning rate, and the non-finite counters.
   """
   loss_and_grads = loss_and_grads_fn(objective, grad_accum_steps, batch_sharding)
+  tx = optax.with_extra_args_support(tx)     # any optax transform takes (and may ignore) grad_norm
   if guard not in GUARDS:
     raise ValueError(f"guard {guard!r}: expected one of {', '.join(GUARDS)}")
 
-  def update(params, opt_state, ema, grads, stats, updates_before):
+  def update(params, opt_state, ema, grads, grad_norm, stats, updates_before):
     """(new params, new optimizer state, new EMA) of one applied update; `stats` (new running
     statistics, kept out of the optimizer) replace theirs."""
-    updates, new_opt_state = tx.update(grads, opt_state, params)
+    # The global norm goes to the clip (`optim.clip_by_given_global_norm`); other transforms
+    # ignore it.
+    updates, new_opt_state = tx.update(grads, opt_state, params, grad_norm=grad_norm)
     new_params = merge_stats(optax.apply_updates(params, updates), stats)
     if ema is not None:
       if ema_decay is None:
@@ -193,9 +196,9 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
     if guard == "cond":
       new_params, new_opt_state, ema = jax.lax.cond(
           finite, lambda o, g: update(*o, *g, updates_before), lambda o, g: o, old,
-          (grads, stats))
+          (grads, grad_norm, stats))
     else:
-      new = update(*old, grads, stats, updates_before)
+      new = update(*old, grads, grad_norm, stats, updates_before)
       new_params, new_opt_state, ema = jax.tree.map(
           lambda a, b: jnp.where(finite, a, b), new, old)
     skipped = 1 - finite.astype(jnp.int32)
