@@ -155,7 +155,7 @@ class EvalContext:
     concatenated. `args` (e.g. scalars) are passed to every call as they are."""
     n = len(next(iter(rows.values())))
     # Inputs smaller than a batch are padded to a power of two (then to a multiple of the device
-    # count), so that calls with 3, 5 or 7 rows share one compiled function.
+    # count), so that calls with 5, 6, 7 or 8 rows share one compiled function.
     bs = self.global_batch_size(min(int(batch_size), 1 << max(n - 1, 0).bit_length()))
     local = bs // jax.process_count()
     start_local = jax.process_index() * local
