@@ -117,12 +117,17 @@ def run(config, batch: int, lengths, beams, repeats: int, seed: int = 0) -> list
   return records
 
 
+def _openclip_reference():
+  """tests/openclip_reference.py: open_clip's model code loaded without torchvision."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+  import openclip_reference  # pylint: disable=g-import-not-at-top
+  return openclip_reference
+
+
 def openclip_model(cfg: dict, seed: int = 0, device: str = "cpu"):
   """open_clip's CoCa built from `cfg` (CoCa's arguments), random-init, in eval mode."""
   import torch  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-  import openclip_reference  # pylint: disable=g-import-not-at-top
-  coca_model = openclip_reference.load_coca()
+  coca_model = _openclip_reference().load_coca()
   if coca_model is None:
     raise ValueError("--peer openclip: open_clip is not installed (`make install-test` "
                      "installs it)")
@@ -142,10 +147,8 @@ def openclip_run(batch: int, lengths, beams, repeats: int, seed: int = 0,
   """open_clip's CoCa.generate on its coca_ViT-B-32 model (or `model_cfg`, a dict of CoCa's
   arguments); one record per (beam, length)."""
   import torch  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-  import openclip_reference  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(len(os.sched_getaffinity(0)))
-  cfg = dict(model_cfg or openclip_reference.model_config("coca_ViT-B-32"))
+  cfg = dict(model_cfg or _openclip_reference().model_config("coca_ViT-B-32"))
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = openclip_model(cfg, seed, device)
   vocab = cfg["text_cfg"]["vocab_size"]
