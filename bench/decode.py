@@ -148,7 +148,8 @@ def openclip_run(batch: int, lengths, beams, repeats: int, seed: int = 0,
   arguments); one record per (beam, length)."""
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(len(os.sched_getaffinity(0)))
-  cfg = dict(model_cfg or _openclip_reference().model_config("coca_ViT-B-32"))
+  reference = _openclip_reference()
+  cfg = dict(model_cfg or reference.model_config("coca_ViT-B-32"))
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = openclip_model(cfg, seed, device)
   vocab = cfg["text_cfg"]["vocab_size"]
@@ -161,9 +162,8 @@ def openclip_run(batch: int, lengths, beams, repeats: int, seed: int = 0,
   for beam in beams:
     for length in lengths:
       if beam > 1:
-        records.append({**common, "beam": beam, "max_len": length, "unavailable":
-                        "open_clip's CoCa beam search needs transformers' BeamSearchScorer, "
-                        "which transformers 5 removed"})
+        records.append({**common, "beam": beam, "max_len": length,
+                        "unavailable": reference.BEAM_SEARCH_UNAVAILABLE})
         continue
       # Greedy = top-k 1; eos and pad ids no sequence produces (as ours), so every caption runs
       # to its full length; seq_len counts the start token.

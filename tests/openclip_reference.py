@@ -52,10 +52,13 @@ def load():
   return importlib.import_module(PACKAGE + ".model")
 
 
+BEAM_SEARCH_UNAVAILABLE = ("open_clip's CoCa beam search needs transformers' BeamSearchScorer, "
+                           "which transformers 5 removed")
+
+
 class _NoBeamSearchScorer:
   def __init__(self, *args, **kwargs):
-    raise RuntimeError("open_clip's CoCa beam search needs transformers' BeamSearchScorer, which "
-                       "transformers 5 removed")
+    raise RuntimeError(BEAM_SEARCH_UNAVAILABLE)
 
 
 def load_coca():
