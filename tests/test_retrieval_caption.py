@@ -121,6 +121,32 @@ def test_terse_style_describes_the_same_images_in_other_words():
     assert not any(re.match(r"(red|green|blue|yellow|white) ", c) for c in a["captions"])
 
 
+def test_attribute_list_formats_hold_out_terse_and_are_recognised():
+  terse, formats = shapes.get_config("demo_terse"), shapes.get_config("demo_formats")
+  assert len(set(shapes.FORMATS)) == len(shapes.FORMATS) == 34
+  # Terse's field order and separator never occur together in a training format.
+  assert not any(f[:2] == shapes.TERSE_FORMAT[:2] for f in shapes.FORMATS)
+  for i in range(40):
+    a, b = shapes.generate_example(terse, "train", i), shapes.generate_example(formats, "train", i)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert shapes.TERSE_FORMAT in shapes.caption_formats(a["captions"][0])
+    # One caption per format, in FORMATS order, each recognised as its own format (and, for one
+    # object, the format differing only in the unseen object separator); never as terse.
+    assert len(b["captions"]) == 34
+    for caption, fmt in zip(b["captions"], shapes.FORMATS):
+      found = shapes.caption_formats(caption)
+      assert fmt in found and shapes.TERSE_FORMAT not in found, (caption, found)
+      assert len(found) == (2 if len(a["objects"]["shape"]) == 1 else 1)
+    # Every format lists the same attributes: the sorted words agree with terse's.
+    words = lambda c: sorted(re.findall(r"[a-z]+", c))
+    assert all(words(c) == words(a["captions"][0]) for c in b["captions"])
+  plain = shapes.generate_example(shapes.get_config("demo"), "train", 0)["captions"]
+  assert [shapes.caption_formats(c) for c in plain] == [()] * 4
+  # A list that switches format part-way, or names no real attribute, follows no format.
+  assert shapes.caption_formats("red circle, small, top left; blue cross - large - center.") == ()
+  assert shapes.caption_formats("red circle, tiny, top left.") == ()
+
+
 def test_caption_eval_entry_with_neighbours_states_what_it_needs(tmp_path):
   config = config_utils.load_config(os.path.join(REPO, "configs/shapes_retrieval_caption.py:tiny"),
                                     {"evals.caption.neighbours": str(tmp_path / "none.jsonl"),

@@ -35,7 +35,9 @@ Importing this module only registers the builder with TFDS; nothing is generated
 """
 import dataclasses
 import fcntl
+import itertools
 import os
+import re
 
 from etils import epath
 import numpy as np
@@ -91,8 +93,9 @@ class ShapesConfig(tfds.core.BuilderConfig):
     scene_weights: probabilities of the scenes ('one', 'same', 'different').
     max_same: largest object count of a 'same' scene (2 or 3).
     seed: base seed; changing it gives a different but equally deterministic dataset.
-    caption_style: 'plain' (four phrasings per image) or 'terse' (one attribute list per image,
-      "red circle, small, top left.": a style no other variant uses, for datastore swaps).
+    caption_style: 'plain' (four phrasings per image), 'terse' (one attribute list per image,
+      "red circle, small, top left.": a style no other variant uses, for datastore swaps) or
+      'formats' (the same attributes in each format of `FORMATS`, one caption each).
   """
   image_size: int = 32
   num_train: int = 256
@@ -185,15 +188,57 @@ def _join(words):
   return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-CAPTION_STYLES = ("plain", "terse")
+CAPTION_STYLES = ("plain", "terse", "formats")
+
+# Attribute-list captions: each object (main object first) as its "colour shape", size and
+# position in some order, joined by a field separator; the objects joined by another separator.
+# A format is (field order, field separator, object separator). 'terse' is one of them; 'formats'
+# gives every format whose (order, field separator) is not terse's (34), so a captioner trained on
+# 'formats' can be shown terse, a combination of parts it saw that it never saw together (on a
+# one-object image too, where the object separator does not show).
+FIELDS = ("thing", "size", "position")
+TERSE_FORMAT = (FIELDS, ", ", "; ")
+FORMATS = tuple(f for f in itertools.product(itertools.permutations(FIELDS), (", ", " - ", " / "),
+                                             ("; ", " + "))
+                if f[:2] != TERSE_FORMAT[:2])
+
+
+def attribute_list(objects, fmt=TERSE_FORMAT):
+  """The objects as one caption in format `fmt`: "red circle, small, top left." for terse."""
+  order, field_separator, object_separator = fmt
+  def fields(o):
+    return {"thing": f"{o['colour']} {o['shape']}", "size": o["size"], "position": o["position"]}
+  return object_separator.join(field_separator.join(fields(o)[f] for f in order)
+                               for o in objects) + "."
+
+
+def _format_pattern(fmt):
+  alternatives = lambda words: "(?:" + "|".join(words) + ")"
+  field = {"thing": f"{alternatives(COLOUR_NAMES)} {alternatives(SHAPES)}",
+           "size": alternatives(SIZES), "position": alternatives(POSITIONS)}
+  order, field_separator, object_separator = fmt
+  one = re.escape(field_separator).join(field[f] for f in order)
+  return re.compile(f"{one}(?:{re.escape(object_separator)}{one})*\\.")
+
+
+_FORMAT_PATTERNS = [(fmt, _format_pattern(fmt)) for fmt in (TERSE_FORMAT,) + FORMATS]
+
+
+def caption_formats(text):
+  """The attribute-list formats (of `TERSE_FORMAT` and `FORMATS`) that `text` is written in: one,
+  or two for a single object (the object separator does not show); () for a sentence or a list
+  that does not keep one format throughout."""
+  text = text.strip()
+  return tuple(fmt for fmt, pattern in _FORMAT_PATTERNS if pattern.fullmatch(text))
 
 
 def captions(scene, objects, style="plain"):
-  """The captions of a scene: four phrasings, every one true of the drawn image ('plain'), or
-  one attribute list per object, main object first ('terse')."""
+  """The captions of a scene: four phrasings, every one true of the drawn image ('plain'), one
+  attribute list ('terse'), or the attribute lists of all of `FORMATS` in order ('formats')."""
   if style == "terse":
-    parts = [f"{o['colour']} {o['shape']}, {o['size']}, {o['position']}" for o in objects]
-    return ["; ".join(parts) + "."]
+    return [attribute_list(objects, TERSE_FORMAT)]
+  if style == "formats":
+    return [attribute_list(objects, fmt) for fmt in FORMATS]
   a = objects[0]
   c, s, z, p = a["colour"], a["shape"], a["size"], a["position"]
   if scene == "one":
@@ -329,6 +374,11 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
       ShapesConfig(name="demo_terse", description="shapes/demo with terse captions.",
                    image_size=32, num_train=20000, num_validation=1000, num_test=1000,
                    scene_weights=(0.6, 0.2, 0.2), caption_style="terse"),
+      # The same images with each caption in every attribute-list format but terse: trained on
+      # these, a retrieval-augmented captioner can be asked to follow a terse datastore.
+      ShapesConfig(name="demo_formats", description="shapes/demo with 34 attribute-list captions.",
+                   image_size=32, num_train=20000, num_validation=1000, num_test=1000,
+                   scene_weights=(0.6, 0.2, 0.2), caption_style="formats"),
       ShapesConfig(name="small", description="64x64, 50000/2000/2000 examples.",
                    image_size=64, num_train=50000, num_validation=2000, num_test=2000,
                    scene_weights=(0.6, 0.2, 0.2)),
