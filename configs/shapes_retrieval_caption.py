@@ -1,7 +1,10 @@
 """Retrieval-augmented captioning (SmallCap-style) on the embedded `shapes` dataset: the prefix-LM
 of `shapes_prefixlm.py` trained on captions only, each caption's prompt holding the captions of
 the image's nearest neighbours in a datastore ("similar images show: ...; ...; .... caption:").
-arg: 'demo' (default) or 'tiny'.
+arg: 'demo' (default), 'tiny', or 'formats': trained on `shapes/demo_formats` (each image's
+captions in 34 attribute-list formats) with every neighbour's caption in the format of the caption
+being learned, so that the captioner learns to write in the format of its prompt; the held-out
+terse format (`shapes/demo_terse`) is then a test-time datastore in a caption style it never saw.
 
 The neighbours come from a retrieval model and an index, made beforehand (README, "Retrieval-
 augmented captioning"): `data.neighbours` for the training images (never their own captions),
@@ -17,15 +20,23 @@ from . import shapes_prefixlm
 
 LENGTH = 64      # retrieved captions (up to 40 tokens) + bos + caption + eos
 CAPTION_TOKENS = 24
+# Three attribute-list captions take up to 78 tokens with the prompt's words.
+FORMATS_LENGTH = 112
 
 
 def get_config(arg=None):
-  c = shapes_prefixlm.get_config(arg)   # its image tower, projector and LM, captions only
-  if shapes_common.variant(arg) == "demo":
+  formats = arg == "formats"
+  c = shapes_prefixlm.get_config("demo" if formats else arg)   # its towers, captions only
+  if shapes_common.variant("demo" if formats else arg) == "demo":
     c.total_steps = 2000
   c.data.questions_key = ""
-  c.model.context_length = LENGTH
-  c.tokenizer.context_length = LENGTH
+  length = FORMATS_LENGTH if formats else LENGTH
+  c.model.context_length = length
+  c.tokenizer.context_length = length
+  if formats:
+    c.total_steps = 3000
+    c.data.name = "shapes/demo_formats"
+    c.data.neighbours_same_phrasing = True
   c.loss = dict(caption_weight=1.0, vqa_weight=0.0)
   c.data.neighbours_k = 3
   # Generation leaves LENGTH - CAPTION_TOKENS tokens to the retrieved captions; the references'

@@ -1,12 +1,18 @@
-"""Shared data fixtures: the tiny `shapes` dataset prepared once, and a tokenizer trained on its
-captions. Test modules import the fixtures they use from here.
+"""Shared data fixtures: the tiny `shapes` dataset prepared once, a tokenizer trained on its
+captions, and a writer of small tar shards (with the same samples as jsonl). Test modules import
+what they use from here.
 
 Both live at fixed paths under pytest's base temp directory (shared by pytest-xdist workers), and
 both builders are idempotent and file-locked, so however many tests, modules or workers ask for
 them, the work is done once per test session.
 """
+import io
+import json
 import os
+import tarfile
 
+import numpy as np
+from PIL import Image
 import pytest
 
 from vlm_jax.data import shapes
@@ -39,3 +45,27 @@ def shapes_tokenizer(tmp_path_factory):
   path = _shared_tmp(tmp_path_factory, "shapes_tokenizer") / "shapes.model"
   return tokenizer_lib.get_or_train(
       path, lambda: shapes.caption_corpus(SHAPES_CONFIG), TOKENIZER_VOCAB_SIZE)
+
+
+def write_tar_and_jsonl(folder, num_tars, per_tar):
+  """The same images and captions as tar shards (`{folder}/{s:05d}.tar`, a .jpg and a .txt per
+  sample) and as a jsonl file with the images beside it. Returns the tar pattern."""
+  rng = np.random.default_rng(0)
+  os.makedirs(os.path.join(folder, "images"))
+  with open(os.path.join(folder, "captions.jsonl"), "w") as jsonl:
+    for s in range(num_tars):
+      with tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tar:
+        for i in range(per_tar):
+          buf = io.BytesIO()
+          Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
+          caption = f"a red circle number {s * per_tar + i}"
+          for name, data in ((f"k{i:03d}.jpg", buf.getvalue()), (f"k{i:03d}.txt",
+                                                                  caption.encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+          image = f"images/{s}_{i}.jpg"
+          with open(os.path.join(folder, image), "wb") as f:
+            f.write(buf.getvalue())
+          jsonl.write(json.dumps({"image": image, "caption": caption}) + "\n")
+  return os.path.join(folder, "{00000..%05d}.tar" % (num_tars - 1))

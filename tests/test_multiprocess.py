@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import shapes_data_dir  # pylint: disable=unused-import
+from data_fixtures import write_tar_and_jsonl
 import jax
 
 from train_utils import (REPO, free_port, logged, run_steps, stop_all, subprocess_env,
@@ -116,6 +117,23 @@ def test_training_resumes_across_process_counts_like_one_run(shapes_data_dir, tm
     assert rows_two == rows_one and len(rows_one) == (64 if kind == "images" else 256)
     np.testing.assert_allclose(vectors_two, vectors_one, atol=1e-5, err_msg=kind)
   assert manifest["model"]["model_id"] == model.identity()["model_id"]
+
+  # Tar shards (3 tars for 2 processes: one output shard per tar, read by offset) too.
+  pattern = write_tar_and_jsonl(str(tmp_path / "tars"), 3, 5)
+  tars_two = str(tmp_path / "tars_two")
+  _run_two_processes(multi, shapes_data_dir, 8, tmp_path, "embed_tars", command=[
+      sys.executable, "-m", "vlm_jax.embed", f"--workdir={multi}", f"--out={tars_two}",
+      "--batch_size=8", "--config.data.source=wds", f"--config.data.eval_shards={pattern}"])
+  data = embed.split_data_config(model.config, "eval")
+  tars = type(data)(dict(data.to_dict(), source="wds", eval_shards=pattern))
+  tars_one = str(tmp_path / "tars_one")
+  embed.embed(model, tars, tars_one, progress=False)
+  for kind in ("images", "texts"):
+    vectors_two, rows_two, manifest = embed.read(tars_two, kind)
+    vectors_one, rows_one, _ = embed.read(tars_one, kind)
+    assert rows_two == rows_one and len(rows_one) == 15
+    np.testing.assert_allclose(vectors_two, vectors_one, atol=1e-5, err_msg=f"tars {kind}")
+  assert manifest["num_shards"] == 3
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_evaluation_batch(shapes_data_dir,

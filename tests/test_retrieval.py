@@ -13,6 +13,7 @@ from vlm_jax import embed as embed_lib
 from vlm_jax import search
 
 from data_fixtures import shapes_data_dir, shapes_tokenizer  # pylint: disable=unused-import
+from data_fixtures import write_tar_and_jsonl
 import train_utils
 from train_utils import REPO, subprocess_env
 
@@ -124,39 +125,12 @@ def test_embed_resumes_without_recomputing_and_matches_the_model(clip_run, tmp_p
     embed_lib.embed(model, data, out, shard_size=16, progress=False)
 
 
-def _write_tar_and_jsonl(folder, num_tars, per_tar):
-  """The same images and captions as tar shards (`{folder}/{s:05d}.tar`, a .jpg and a .txt per
-  sample) and as a jsonl file with the images beside it. Returns the tar pattern."""
-  import io  # pylint: disable=g-import-not-at-top
-  import tarfile  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  os.makedirs(os.path.join(folder, "images"))
-  with open(os.path.join(folder, "captions.jsonl"), "w") as jsonl:
-    for s in range(num_tars):
-      with tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tar:
-        for i in range(per_tar):
-          buf = io.BytesIO()
-          Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
-          caption = f"a red circle number {s * per_tar + i}"
-          for name, data in ((f"k{i:03d}.jpg", buf.getvalue()), (f"k{i:03d}.txt",
-                                                                  caption.encode())):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-          image = f"images/{s}_{i}.jpg"
-          with open(os.path.join(folder, image), "wb") as f:
-            f.write(buf.getvalue())
-          jsonl.write(json.dumps({"image": image, "caption": caption}) + "\n")
-  return os.path.join(folder, "{00000..%05d}.tar" % (num_tars - 1))
-
-
 def test_embed_reads_tar_shards_one_output_shard_per_tar_and_resumes(clip_run, tmp_path):
   """Tar shards embed to what the same images and captions give from a jsonl file, one output
   shard per tar file; a stopped run continues with the first unfinished tar; a truncated tar
   gives its samples up to the damage and one skipped example."""
   _, model = clip_run
-  pattern = _write_tar_and_jsonl(str(tmp_path / "data"), 3, 7)
+  pattern = write_tar_and_jsonl(str(tmp_path / "data"), 3, 7)
   data = embed_lib.split_data_config(model.config, "eval")
   tars = type(data)(dict(data.to_dict(), source="wds", eval_shards=pattern))
   out = str(tmp_path / "tars")

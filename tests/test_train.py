@@ -59,14 +59,15 @@ def test_config_typo_names_the_key():
 CONFIGS = ["shapes_coca", "shapes_clip", "shapes_siglip", "shapes_captioning", "shapes_classify",
            "shapes_prefixlm", "shapes_bert_mlm", "shapes_lstm_caption", "shapes_fusion_vqa",
            "shapes_fusion_itm", "shapes_resnet_clip", "shapes_resnet_classify",
-           "shapes_retrieval_caption",
+           "shapes_retrieval_caption", "shapes_retrieval_caption:formats",
            "clip_vit_b16", "siglip_vit_b16", "coca_vit_b32",
            "bench_cpu_clip", "bench_vit_b16_clip", "bench_prefixlm"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configs_load_and_build(name):
-  cfg = config_utils.load_config(os.path.join(REPO, f"configs/{name}.py"),
+  file, _, arg = name.partition(":")
+  cfg = config_utils.load_config(os.path.join(REPO, f"configs/{file}.py") + (arg and f":{arg}"),
                                  {"total_steps": 7, "optim.lr": 0.5})
   assert cfg.total_steps == 7 and cfg.optim.lr == 0.5
   task = tasks.get(cfg.task)
