@@ -471,3 +471,18 @@ def test_index_benchmark_prints_exact_and_approximate_figures():
   assert 1 <= approximate["nprobe"] <= approximate["nlist"]
   for method in (exact, approximate):
     assert method["queries_per_s"] > 0 and method["build_s"] >= 0 and method["bytes"] > 0
+
+
+def test_caption_formats_counts_each_prediction_by_its_format():
+  import caption_formats  # pylint: disable=g-import-not-at-top
+  terse = "red circle, small, top left; blue cross, large, center."
+  dashed = "small - red circle - top left."          # one object: the object separator unseen
+  rows = [{"prediction": terse, "references": [terse]},
+          {"prediction": dashed, "references": [terse]},
+          {"prediction": "a small red circle.", "references": [terse]},
+          {"prediction": "red circle, small, top left.",
+           "references": ["red circle, small, top left."]}]
+  got = caption_formats.count(rows)
+  assert got["captions"] == 4 and got["terse"] == 2 and got["no_format"] == 1
+  assert got["as_references"] == 2
+  assert got["formats"]["size,thing,position ' - ' '*'"] == 1
