@@ -2,11 +2,12 @@
 
   python bench/caption_formats.py RUN/eval/captions_<step>[_<tag>].json
 
-For each caption evaluation in the file (`vlm_jax.evaluate` writes one entry per evaluator), counts
-the predictions per format of `vlm_jax.data.shapes` (`terse` and the 34 `FORMATS` a captioner can be
-trained on, see `shapes.caption_formats`), those in no format (sentences, mixed lists), and how many
-predictions share a format with their references. Used to see whether a retrieval-augmented captioner
-follows the caption style of a datastore it was not trained with (README, Measurements).
+For each caption evaluation in the file (`vlm_jax.evaluate` writes one entry per evaluator),
+counts the predictions per format of `vlm_jax.data.shapes` (`terse` and the 34 `FORMATS` a
+captioner can be trained on, see `shapes.caption_formats`), those in no format (sentences, mixed
+lists), and how many predictions share a format with their references. Used to see whether a
+retrieval-augmented captioner follows the caption style of a datastore it was not trained with
+(README, Measurements).
 """
 import argparse
 import collections
