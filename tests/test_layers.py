@@ -1,4 +1,6 @@
 """Tests for vlm_jax.models.layers: activations, attention masks, the block stack layouts."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -167,6 +169,90 @@ def test_fused_attention_padding_to_even_lengths_changes_nothing():
       np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-6)
       for g, pg in zip(grads, padded_grads):
         np.testing.assert_allclose(pg, g, rtol=1e-5, atol=1e-6)
+
+
+def _pallas_interpreter():
+  """Pallas kernels run by Pallas's generic interpreter (plain XLA ops) on the CPU. Unlike TPU
+  interpret mode (which simulates a TPU's memories and its devices), it also runs inside
+  shard_map over the simulated CPU devices."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  return pltpu.force_tpu_interpret_mode(True)
+
+
+def _einsum_attention(q, k, v, mask):
+  k, v = (jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k)
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min) if mask is not None else logits
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def test_pallas_flash_kernel_matches_the_einsum_reference():
+  """model.attention='pallas' (the TPU flash kernel): outputs and gradients equal the einsum
+  attention's without a mask at a length the kernel pads (70 -> 128), with a causal + padding
+  mask, with a prefix-LM mask whose prefix differs per example, and with grouped-query heads (4
+  query heads on 2 key/value heads)."""
+  from vlm_jax.models import pallas_attention  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(8), 3)
+  q = jax.random.normal(keys[0], (2, 70, 4, 16))
+  k, v = (jax.random.normal(key, (2, 70, 2, 16)) for key in keys[1:])
+  causal = jnp.tril(jnp.ones((70, 70), bool))[None, None]
+  padding = (jnp.arange(70) < jnp.array([50, 70])[:, None])[:, None, None, :]
+  prefix = causal | (jnp.arange(70) < jnp.array([10, 40])[:, None])[:, None, None, :]
+  for mask in (None, causal & padding, prefix):
+    def loss(fn, q, k, v, mask=mask):
+      out = fn(q, k, v, mask)
+      return jnp.sum(jnp.sin(out)), out
+    with _pallas_interpreter():
+      (_, got), got_grads = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(
+          pallas_attention.flash_attention, q, k, v)
+    (_, want), want_grads = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(
+        _einsum_attention, q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    if mask is not None:   # the mask matters: without it the result differs
+      np.testing.assert_array_less(1e-3, np.abs(got - _einsum_attention(q, k, v, None)).max())
+
+
+def test_pallas_attention_in_blocks_on_a_sharded_mesh():
+  """Encoder and decoder blocks with attention='pallas' on a data=2, fsdp=2, tensor=2 mesh (the
+  kernel under shard_map, a shard of examples and heads per device) equal the einsum blocks:
+  self-attention with and without a mask, cross-attention, and KV-cached decoding (whose
+  one-token steps use einsum)."""
+  from vlm_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+  x = jax.random.normal(jax.random.key(3), (4, 9, 32))
+  causal = jnp.tril(jnp.ones((9, 9), bool))[None, None]
+  padding = (jnp.arange(9) < jnp.array([7, 9, 5, 9])[:, None])[:, None, None, :]
+  context = jax.random.normal(jax.random.key(4), (4, 5, 32))
+  enc = {impl: layers.Encoder(depth=1, num_heads=4, mlp_dim=32, attention=impl)
+         for impl in ("einsum", "pallas")}
+  dec = {impl: layers.DecoderBlock(num_heads=4, mlp_dim=32, attention=impl)
+         for impl in ("einsum", "pallas")}
+  with _pallas_interpreter(), jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    for mask in (causal & padding, None):
+      params = nn.unbox(jax.jit(enc["einsum"].init)(KEY, x, mask))
+      outs, grads = {}, {}
+      for impl, module in enc.items():
+        loss = lambda p, module=module: jnp.sum(module.apply(p, x, mask) ** 2)
+        outs[impl] = jax.jit(module.apply)(params, x, mask)
+        grads[impl] = jax.jit(jax.grad(loss))(params)
+      np.testing.assert_allclose(outs["pallas"], outs["einsum"], rtol=1e-5, atol=1e-5)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                   grads["pallas"], grads["einsum"])
+    params = nn.unbox(jax.jit(dec["einsum"].init)(KEY, x, context, causal))
+    full = {impl: jax.jit(b.apply)(params, x, context, causal) for impl, b in dec.items()}
+    np.testing.assert_allclose(full["pallas"], full["einsum"], rtol=1e-5, atol=1e-5)
+    step = layers.DecoderBlock(num_heads=4, mlp_dim=32, attention="pallas", decode=True)
+    cache = jax.jit(step.init)(KEY, x, context)["cache"]
+    apply = jax.jit(functools.partial(step.apply, mutable=["cache"]))
+    outs = []
+    for t in range(3):
+      y, mutated = apply({**params, "cache": cache}, x[:, t:t + 1], context)
+      cache = mutated["cache"]
+      outs.append(y)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full["einsum"][:, :3], rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_bf16_compute_keeps_fp32_params():

@@ -60,6 +60,11 @@ def test_every_config_mistake_at_once(tmp_path, nothing_built):
   for want in expected:
     assert any(p.startswith(want) for p in problems), (want, problems)
   assert len(problems) == len(set(problems))
+  # The TPU kernel is refused off a TPU the same way.
+  config = config_utils.load_config(f"{REPO}/configs/shapes_coca.py:tiny",
+                                    {"model.attention": "pallas"})
+  assert "model.attention: 'pallas' runs on TPUs only (this backend: cpu); use 'xla' or " \
+      "'einsum'" in _problems(config, tmp_path / "pallas")
 
 
 def test_evaluations_the_task_or_the_data_cannot_serve(shapes_data_dir, tmp_path, nothing_built):

@@ -102,9 +102,11 @@ def trainer_problems(config, num_devices=None) -> list:
     sharding.logical_rules(config)
   except ValueError as e:
     problems.append(str(e))
-  if config.model.get("attention") == "cudnn" and jax.default_backend() != "gpu":
-    problems.append(f"model.attention: 'cudnn' runs on GPUs only (this backend: "
-                    f"{jax.default_backend()}); use 'xla' or 'einsum'")
+  attention = config.model.get("attention")
+  needs = {"cudnn": "gpu", "pallas": "tpu"}.get(attention)     # kernels of one backend
+  if needs and jax.default_backend() != needs:
+    problems.append(f"model.attention: {attention!r} runs on {needs.upper()}s only (this "
+                    f"backend: {jax.default_backend()}); use 'xla' or 'einsum'")
   if config.total_steps < 1:
     problems.append(f"total_steps: {config.total_steps} must be >= 1")
   guard = config.get("nonfinite_guard") or "cond"

@@ -72,7 +72,7 @@ def shared_config() -> ml_collections.ConfigDict:
   c.param_dtype = "float32"
   c.remat = False                # nn.remat on every Transformer block
   c.remat_policy = "full"        # what remat keeps: 'full' (nothing) | 'dots' | 'dots_no_batch'
-  c.attention = "einsum"         # 'einsum' (reference) | 'xla' | 'cudnn' (jax.nn.dot_product_attention)
+  c.attention = "einsum"         # 'einsum' (reference) | 'xla' | 'cudnn' | 'pallas' (TPU) | 'auto'
   c.scan = False                 # nn.scan over the Transformer blocks
   return c
 

@@ -30,6 +30,8 @@ from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.models import pallas_attention
+
 Dtype = Any
 Array = jax.Array
 
@@ -129,8 +131,9 @@ class Attention(nn.Module):
     decoding loop projects the image tokens once, not at every step.
   impl: how the scores are computed (`ATTENTION_IMPLS`): 'einsum' (the reference: two einsums,
     logits and softmax in float32), 'xla' (`jax.nn.dot_product_attention`, XLA's fused
-    attention) or 'cudnn' (its cuDNN flash kernel: GPU, bf16 / fp16, head size <= 128; a boolean
-    mask becomes an additive bias there). All compute the same function.
+    attention), 'cudnn' (its cuDNN flash kernel: GPU, bf16 / fp16, head size <= 128; a boolean
+    mask becomes an additive bias there) or 'pallas' (Pallas's TPU flash kernel,
+    `pallas_attention`; one-token decoding steps use einsum). All compute the same function.
   out_features: width of the output projection (default: the input width); OpenAI CLIP's
     attention pooling projects to the embedding size there.
   """
@@ -314,7 +317,8 @@ def encoder_flops(tokens: int, width: int, depth: int, mlp: int, causal: bool) -
 # dimension (MaxText's 'minimal').
 # model.attention -> the `implementation` of jax.nn.dot_product_attention ('einsum': our own).
 # 'auto' resolves per call site (`resolve_attention`): cuDNN where it runs, else the reference.
-ATTENTION_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn", "auto": None}
+# 'pallas': Pallas's TPU flash-attention kernel (`pallas_attention`), not jax.nn's.
+ATTENTION_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn", "pallas": None, "auto": None}
 
 
 def resolve_attention(impl: str, dtype, head_dim: int, query_length: int,
@@ -323,6 +327,8 @@ def resolve_attention(impl: str, dtype, head_dim: int, query_length: int,
   a GPU when cuDNN's flash kernel takes the call (bf16 / fp16, head size a multiple of 8 and
   <= 128) and the query is more than one token, and 'einsum' otherwise (CPU, TPU, float32, and
   decoding steps: on an H200, CoCa's KV-cached decoding ran 1.3x slower with cuDNN)."""
+  if impl == "pallas" and query_length == 1:
+    return "einsum"   # a decoding step: one query row would be padded to a whole kernel block
   if impl != "auto":
     return impl
   backend = backend or jax.default_backend()
@@ -345,7 +351,10 @@ def fused_attention(q: Array, k: Array, v: Array, mask: Optional[Array], impl: s
 
   pad_to (default: CUDNN_LENGTH_MULTIPLE for 'cudnn', else 1) > 1 pads both lengths up to a
   multiple of it: padded keys are masked out through `key_value_seq_lengths` (and padded query
-  rows dropped), so the result is the unpadded one."""
+  rows dropped), so the result is the unpadded one. impl 'pallas' is the TPU flash kernel
+  (`pallas_attention`, which pads to its own block size)."""
+  if impl == "pallas":
+    return pallas_attention.attention(q, k, v, mask, (BATCH, LENGTH, HEADS, KV))
   if pad_to is None:
     pad_to = CUDNN_LENGTH_MULTIPLE if impl == "cudnn" else 1
   batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
