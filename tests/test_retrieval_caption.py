@@ -83,6 +83,11 @@ def test_training_prompt_is_the_retrieved_captions_and_only_the_caption_is_a_tar
     out = op(raw, np.random.default_rng(seed), True)
     j = raw["captions"].index(out["_answer"])
     assert out["_prompt"] == retrieval.prompt_text([h[j] for h in phrased["k"]])
+  # A datastore holding fewer phrasings per image than the data has (embedded with a lower
+  # --max_captions) would pair the wrong ones: refused, saying how to fix it.
+  with pytest.raises(ValueError, match=r"image k has 3 captions but its neighbours have \[2\]; "
+                     r"embed the datastore with all of them \(`vlm_jax.embed --max_captions 3`\)"):
+    op(dict(raw, captions=raw["captions"] + ["the blue square."]), np.random.default_rng(0), True)
   # Without neighbours the same op gives a caption an empty prompt.
   plain = ops.PrefixLMText(tok, 40, 1.0, 0.0)
   assert plain.collate([plain(raw, np.random.default_rng(0), True)])["prompt_len"][0] == 0

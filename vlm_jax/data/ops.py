@@ -208,7 +208,8 @@ class PrefixLMText:
     if not vqa:
       captions = clean_captions(raw.get("captions"))
       index = int(rng.integers(len(captions))) if train else 0
-      return {"_prompt": self._retrieved_prompt(raw, index), "_answer": captions[index],
+      return {"_prompt": self._retrieved_prompt(raw, index, len(captions)),
+              "_answer": captions[index],
               "is_vqa": np.bool_(False)}
     questions = raw.get("questions") or []
     if not questions:
@@ -220,12 +221,19 @@ class PrefixLMText:
     return {"_prompt": str(q["question"]), "_answer": majority_answer(answers),
             "is_vqa": np.bool_(True)}
 
-  def _retrieved_prompt(self, raw, caption_index: int) -> str:
+  def _retrieved_prompt(self, raw, caption_index: int, num_captions: int) -> str:
     if self.neighbours is None:
       return ""
     hits = self.neighbours.get(str(raw.get("key")))
     if not hits:
       raise BadExample("no_neighbours")
+    if self.same_phrasing and any(len(h) != num_captions for h in hits):
+      # Parallel phrasings line up only when every image has all of them; a datastore embedded
+      # with fewer captions per image would pair the wrong phrasings without a word.
+      raise ValueError(
+          f"data.neighbours_same_phrasing: image {raw.get('key')} has {num_captions} captions "
+          f"but its neighbours have {sorted({len(h) for h in hits})}; embed the datastore with "
+          f"all of them (`vlm_jax.embed --max_captions {num_captions}`) or turn it off")
     return retrieval.prompt_text(
         retrieval.phrasing(hits, caption_index if self.same_phrasing else 0))
 
