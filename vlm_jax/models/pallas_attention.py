@@ -18,9 +18,9 @@ Lengths are padded to a multiple of `BLOCK` (the kernel's default block sizes); 
 never attended and padded query rows are dropped. Grouped-query key/value heads are repeated to
 the query heads. A Pallas kernel is opaque to XLA's sharding propagation (it would gather its
 inputs onto every device), so under a mesh `attention` runs it with `jax.shard_map`, each device
-on its own examples and heads, split as the model's logical axis rules split them. TPU only; on
-other backends it runs in Pallas's TPU interpret mode (`pltpu.force_tpu_interpret_mode()`), which
-is how the tests check it against the einsum path.
+on its own examples and heads, split as the model's logical axis rules split them. TPU only; the
+tests run it on the CPU through Pallas's interpreter (`pltpu.force_tpu_interpret_mode(True)`)
+against the einsum path.
 """
 from __future__ import annotations
 
@@ -42,15 +42,19 @@ def _round_up(n: int, multiple: int) -> int:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array],
               axes: tuple) -> jax.Array:
-  """`flash_attention`, under the ambient mesh (`jax.set_mesh`) one shard of the batch and heads
-  per device: q / k / v split as the logical `axes` (batch, length, heads, head_dim) map to the
-  mesh, the mask as the batch."""
+  """Softmax attention of [batch, length, heads, head_dim] inputs (k / v may have fewer heads:
+  grouped-query attention) through `flash_attention`; under the ambient mesh (`jax.set_mesh`)
+  one shard of the batch and heads per device: q / k / v split as the logical `axes` (batch,
+  length, heads, head_dim) map to the mesh, the mask as the batch."""
+  heads, kv_heads = q.shape[2], k.shape[2]
+  if heads % kv_heads:
+    raise ValueError(f"attention: {heads} query heads are not a multiple of {kv_heads} "
+                     "key/value heads")
+  if kv_heads != heads:   # the kernel takes one key/value head per query head
+    k, v = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return flash_attention(q, k, v, mask)
-  heads = q.shape[2]
-  if k.shape[2] != heads:   # every device needs the key/value heads of its query heads
-    k, v = (jnp.repeat(x, heads // k.shape[2], axis=2) for x in (k, v))
   spec = nn.logical_to_mesh_axes(axes)
   # check_vma=False: the kernel's outputs do not declare how they vary over the mesh axes; each
   # device's output is its own shard of examples and heads, as out_specs says.
@@ -65,18 +69,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                     mask: Optional[jax.Array]) -> jax.Array:
-  """Softmax attention of [batch, length, heads, head_dim] inputs (k / v may have fewer heads:
-  grouped-query attention), scaled by head_dim^-0.5, through the TPU flash kernel.
+  """Softmax attention of [batch, length, heads, head_dim] inputs (as many key/value heads as
+  query heads), scaled by head_dim^-0.5, through the TPU flash kernel on one device.
   mask: boolean, broadcastable to [batch, 1, q_len, kv_len]; True = may attend."""
   # pylint: disable-next=g-import-not-at-top  (imported on first use: only this path needs it)
   from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
   batch, q_len, heads, head_dim = q.shape
-  kv_len, kv_heads = k.shape[1], k.shape[2]
-  if heads % kv_heads:
-    raise ValueError(f"attention: {heads} query heads are not a multiple of {kv_heads} "
-                     "key/value heads")
-  if kv_heads != heads:
-    k, v = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
+  kv_len = k.shape[1]
   q_pad, kv_pad = _round_up(q_len, BLOCK) - q_len, _round_up(kv_len, BLOCK) - kv_len
   # The kernel's layout: [batch, heads, length, head_dim].
   to_kernel = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
