@@ -25,9 +25,13 @@ FORMATS_LENGTH = 112
 
 
 def get_config(arg=None):
-  formats = arg == "formats"
-  c = shapes_prefixlm.get_config("demo" if formats else arg)   # its towers, captions only
-  if shapes_common.variant("demo" if formats else arg) == "demo":
+  if arg not in (None, "", "demo", "tiny", "formats"):
+    raise ValueError(f"configs/shapes_retrieval_caption.py: unknown arg {arg!r}; expected demo, "
+                     "tiny or formats")
+  formats = arg == "formats"            # the demo data's images, in 34 caption formats
+  variant = "demo" if formats else shapes_common.variant(arg)
+  c = shapes_prefixlm.get_config(variant)   # its image tower, projector and LM, captions only
+  if variant == "demo":
     c.total_steps = 2000
   c.data.questions_key = ""
   length = FORMATS_LENGTH if formats else LENGTH
