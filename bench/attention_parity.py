@@ -6,7 +6,8 @@ For each implementation and each mask the models use (none: a ViT's 197 tokens; 
 a 77-token text tower; a prefix-LM mask), one JSON line with the largest absolute difference of
 the outputs and of the gradients (query, key, value) from `layers.Attention`'s einsum path
 computed in float32 on the same inputs, and the same for the einsum path in the chosen dtype (the
-rounding that dtype costs anyway). cuDNN's kernel needs a GPU; on a CPU ask for 'xla' only.
+rounding that dtype costs anyway). cuDNN's kernel needs a GPU, the Pallas kernel a TPU
+(`--impls=xla,pallas`); on a CPU ask for 'xla' only.
 """
 from __future__ import annotations
 
