@@ -295,7 +295,10 @@ def test_grad_accumulation_equals_big_batch(kind, shapes_data_dir, tokenizer_pat
     assert set(a) == set(b)
     for key in b:
       np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5),
+  # Adam divides each gradient element by its own magnitude, so a parameter whose gradient is
+  # near zero moves by up to a whole step (lr = 1e-2) for a rounding difference in that gradient:
+  # the absolute tolerance is 1% of one step.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4),
                state4.params, state1.params)
 
 
