@@ -1,7 +1,11 @@
 # Two entry points for a fresh machine:
 #   make demo   installs into .venv and trains + evaluates the tiny CoCa on the embedded shapes data
 #   make test   installs into .venv and runs the test suite
-PYTHON ?= python3.11
+# Python 3.12 (jax 0.12 needs >= 3.12): python3.12 if it runs, else pyenv's newest 3.12 if pyenv
+# has one (its python3.12 shim fails while another version is selected).
+PYTHON ?= $(shell python3.12 -c '' 2>/dev/null && echo python3.12 || { \
+  v=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12\.[0-9]+$$' | tail -n 1); \
+  [ -n "$$v" ] && PYENV_VERSION=$$v pyenv which python3.12; } || echo python3.12)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= runs/shapes_coca
@@ -12,8 +16,13 @@ PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: install install-test demo test clean
 
+# --clear: a changed requirements file or Python rebuilds the venv from scratch, so nothing of
+# an older stack is left behind.
 $(VENV)/.installed: requirements.txt pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null || { \
+	  echo "make: the pinned requirements need Python 3.12, and '$(PYTHON)' is not it;" \
+	       "pass PYTHON=/path/to/python3.12" >&2; exit 1; }
+	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt
 	$(PY) -m pip install --no-deps -e .

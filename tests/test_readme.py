@@ -91,3 +91,19 @@ def test_bring_your_own_data_commands_run_as_written(tmp_path):
   assert saved["evals"]["run"] == "retrieval"      # what ran is what `evaluate` runs again
   wds = json.loads(open(tmp_path / "runs" / "my_clip_wds" / "config.json").read())
   assert wds["tokenizer"]["model_path"] == "mydata/tok.model"
+
+
+def test_make_refuses_another_python_before_creating_the_venv(tmp_path):
+  """The two commands need the Python the pins are for; any other stops `make` at once, naming
+  the interpreter, before a venv is made."""
+  stub = tmp_path / "python3.11"
+  stub.write_text("#!/bin/sh\nexit 1\n")   # not Python 3.12: the version check fails
+  stub.chmod(0o755)
+  venv = tmp_path / "venv"
+  proc = subprocess.run(["make", "-C", REPO, "install", f"PYTHON={stub}", f"VENV={venv}"],
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode != 0
+  assert "need Python 3.12" in proc.stderr and str(stub) in proc.stderr
+  assert not venv.exists()
+  pinned_for = re.search(r"on Python (3\.\d+)", open(os.path.join(REPO, "requirements.txt")).read())
+  assert pinned_for.group(1) == "3.12"
