@@ -56,7 +56,7 @@ Code flags:
   --remote-dir DIR          code directory on the workers, relative to the home directory
                             or absolute (default: vlm_jax); the venv is DIR/.venv
   --python-bin BIN          Python used to create the venv on the workers (default:
-                            python3.11; installed with apt when missing)
+                            python3.12; installed with apt when missing)
 
 Training flags:
   --config PATH[:ARG]       experiment config, relative to the repo root   [required by train]
@@ -125,7 +125,7 @@ queued=0
 repo_url=""
 ref="HEAD"
 remote_dir="vlm_jax"
-python_bin="python3.11"
+python_bin="python3.12"
 watch=0
 poll_interval=60
 max_restarts=20
@@ -328,10 +328,16 @@ setup_workers() {
     fetch_code+=" && find ${dir} -mindepth 1 -maxdepth 1 ! -name .venv ! -name logs -exec rm -rf {} +"
     fetch_code+=" && tar -xzf ${TARBALL_REMOTE} -C ${dir} && rm -f ${TARBALL_REMOTE}"
   fi
-  local apt="sudo apt-get -o DPkg::Lock::Timeout=600 -q"
-  install="{ command -v $(quote "${python_bin}") >/dev/null 2>&1"
-  install+=" || { ${apt} update && ${apt} install -y $(quote "${python_bin}") $(quote "${python_bin}-venv"); }; }"
-  install+=" && cd ${dir} && $(quote "${python_bin}") -m venv .venv"
+  local apt="sudo apt-get -o DPkg::Lock::Timeout=600 -q" py apt_python
+  py="$(quote "${python_bin}")"
+  apt_python="${apt} install -y ${py} $(quote "${python_bin}-venv")"
+  # Ubuntu 22.04 (the v2-v4 and v5 runtimes) has no python3.12 package: from the deadsnakes PPA.
+  install="{ command -v ${py} >/dev/null 2>&1 || { ${apt} update && { ${apt_python}"
+  install+=" || { ${apt} install -y software-properties-common"
+  install+=" && sudo add-apt-repository -y ppa:deadsnakes/ppa && ${apt} update && ${apt_python}; }; }; }; }"
+  # A venv of another Python (an older setup) is rebuilt rather than patched.
+  install+=" && cd ${dir} && { [ \"\$(.venv/bin/python -V 2>&1)\" = \"\$(${py} -V 2>&1)\" ]"
+  install+=" || ${py} -m venv --clear .venv; }"
   install+=" && .venv/bin/python -m pip install -q --upgrade pip"
   install+=" && .venv/bin/python -m pip install -q -r requirements.txt $(quote "jax[tpu]==${jax_pin}")"
   tpu_ssh all "set -e; ${fetch_code}" || return 1

@@ -206,8 +206,61 @@ def test_tpu_setup_installs_pinned_requirements_with_jax_tpu(env):
   words = shlex.split(install.replace(";", " ; "))
   assert "requirements.txt" in words and words[words.index("requirements.txt") - 1] == "-r"
   assert f"jax[tpu]=={pin}" in words
-  assert "python3.11" in words  # the requirements need Python >= 3.11
+  assert "python3.12" in words  # the requirements need Python 3.12
   subprocess.run(["bash", "-n", "-c", install], check=True)
+
+
+def _stub(path, body):
+  path.write_text("#!/bin/sh\n" + body)
+  path.chmod(0o755)
+
+
+def test_tpu_setup_on_a_worker_installs_python_and_rebuilds_a_venv_of_another_python(tmp_path,
+                                                                                    env):
+  """The printed install command, run in a stand-in worker whose sudo, apt-get,
+  add-apt-repository and Python are stubs that log their arguments: an Ubuntu without a
+  python3.12 package gets it from the deadsnakes PPA; a venv of the same Python is kept, one of
+  another Python is rebuilt; pip installs the pinned requirements with jax[tpu]."""
+  install = _flag_value(_dry("tpu_pod.sh", "setup", *TPU, env=env)[3], "--command")
+  home, bin_dir = tmp_path / "home", tmp_path / "bin"
+  (home / "vlm_jax").mkdir(parents=True)
+  bin_dir.mkdir()
+  log = tmp_path / "calls.log"
+  # The Python stub answers -V and makes venvs whose python logs what pip is asked for.
+  python = ('case "$1" in -V) echo "Python 3.12.1" ;;\n'
+            f'  -m) echo "venv $*" >> {log}; mkdir -p .venv/bin\n'
+            f'      printf \'#!/bin/sh\\ncase "$1" in -V) echo "Python 3.12.1" ;; '
+            f'*) echo "pip $*" >> {log} ;; esac\\n\' > .venv/bin/python\n'
+            '      chmod +x .venv/bin/python ;;\nesac\n')
+  _stub(bin_dir / "sudo", '"$@"\n')
+  _stub(bin_dir / "add-apt-repository", f'echo "add-apt-repository $*" >> {log}\n'
+        f'touch {tmp_path}/ppa\n')
+  # apt-get finds python3.12 only once the PPA is added (as on Ubuntu 22.04).
+  _stub(bin_dir / "apt-get", f'echo "apt-get $*" >> {log}\n'
+        'case "$*" in *"install -y python3.12"*)\n'
+        f'  [ -e {tmp_path}/ppa ] || exit 100\n'
+        f"  cat > {bin_dir}/python3.12 <<'EOF'\n#!/bin/sh\n{python}EOF\n"
+        f'  chmod +x {bin_dir}/python3.12 ;;\nesac\n')
+  run_env = dict(env, PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(home))
+
+  def setup():
+    log.write_text("")
+    subprocess.run(["bash", "-c", install], check=True, cwd=home, env=run_env)
+    return [line.split()[0] for line in log.read_text().splitlines()], log.read_text()
+
+  pin = re.search(r"^jax==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+  calls, text = setup()  # a fresh worker
+  assert calls == ["apt-get"] * 3 + ["add-apt-repository"] + ["apt-get"] * 2 + \
+      ["venv", "pip", "pip"]
+  assert "add-apt-repository -y ppa:deadsnakes/ppa" in text
+  assert "venv -m venv --clear .venv" in text
+  assert f"-m pip install -q -r requirements.txt jax[tpu]=={pin}" in text
+  (home / "vlm_jax" / ".venv" / "kept").touch()
+  calls, _ = setup()  # again: Python and venv are there
+  assert calls == ["pip", "pip"] and (home / "vlm_jax" / ".venv" / "kept").exists()
+  _stub(home / "vlm_jax" / ".venv" / "bin" / "python", 'echo "Python 3.11.7"\n')
+  calls, _ = setup()  # a venv of an older setup's Python
+  assert calls == ["venv", "pip", "pip"]
 
 
 def test_tpu_code_tarball_unpacks_on_a_worker(tmp_path, env):
