@@ -368,7 +368,7 @@ def test_clip_with_the_step_norm_is_optax_clip():
   includes the frozen gradients)."""
   from vlm_jax import optim  # pylint: disable=g-import-not-at-top
   grads = {"a": jnp.arange(6.0).reshape(2, 3), "b": -jnp.ones((4,))}
-  norm = optax.global_norm(grads)
+  norm = optax.tree.norm(grads)
   for max_norm in (0.5, 100.0):
     theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
     ours = optim.clip_by_given_global_norm(max_norm)

@@ -127,7 +127,7 @@ def clip_by_given_global_norm(max_norm: float) -> optax.GradientTransformationEx
   """
   def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
     del params, extra_args
-    norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
     within = jnp.squeeze(norm < max_norm)
     clip = lambda g: jax.lax.select(within, g, (g / norm.astype(g.dtype)) * max_norm)
     return jax.tree.map(clip, updates), state

@@ -188,7 +188,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     loss, metrics, grads, stats = loss_and_grads(state.params, batch, rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step leaves params, optimizer state and EMA untouched (and is counted).
     old = (state.params, state.opt_state, state.ema_params)
@@ -214,7 +214,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
     # count included. So the rate this step used is at (steps taken - steps skipped).
     lr = schedule(state.step - state.nonfinite_total)
     metrics.update(grad_norm=grad_norm, lr=jnp.asarray(lr, jnp.float32),
-                   param_norm=optax.global_norm(new_state.params),
+                   param_norm=optax.tree.norm(new_state.params),
                    nonfinite_total=new_state.nonfinite_total.astype(jnp.float32),
                    nonfinite_streak=new_state.nonfinite_streak.astype(jnp.float32))
     return new_state, metrics
