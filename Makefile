@@ -1,11 +1,12 @@
 # Two entry points for a fresh machine:
 #   make demo   installs into .venv and trains + evaluates the tiny CoCa on the embedded shapes data
 #   make test   installs into .venv and runs the test suite
-# Python 3.12 (jax 0.12 needs >= 3.12): python3.12 if it runs, else pyenv's newest 3.12 if pyenv
-# has one (its python3.12 shim fails while another version is selected).
-PYTHON ?= $(shell python3.12 -c '' 2>/dev/null && echo python3.12 || { \
-  v=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12\.[0-9]+$$' | tail -n 1); \
-  [ -n "$$v" ] && PYENV_VERSION=$$v pyenv which python3.12; } || echo python3.12)
+# Python 3.12 (jax 0.12 needs >= 3.12): python3.12 if it runs, else the newest 3.12 that pyenv
+# installed (found in its versions folder, so pyenv need not be on the PATH; its python3.12 shim
+# fails while another version is selected).
+PYTHON ?= $(shell python3.12 -c '' 2>/dev/null && echo python3.12 || \
+  ls -d "$${PYENV_ROOT:-$$HOME/.pyenv}"/versions/3.12.*/bin/python3.12 2>/dev/null | \
+  sort -V | tail -n 1 | grep . || echo python3.12)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= runs/shapes_coca

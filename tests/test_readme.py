@@ -1,8 +1,10 @@
-"""README's "Bring your own data" section, run command by command as written."""
+"""README's "Bring your own data" section, run command by command as written, and the two
+commands' Makefile choosing its Python."""
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -107,3 +109,21 @@ def test_make_refuses_another_python_before_creating_the_venv(tmp_path):
   assert not venv.exists()
   pinned_for = re.search(r"on Python (3\.\d+)", open(os.path.join(REPO, "requirements.txt")).read())
   assert pinned_for.group(1) == "3.12"
+
+
+def test_make_finds_the_newest_python_3_12_that_pyenv_installed(tmp_path):
+  """With no python3.12 on the PATH, the Makefile takes pyenv's newest 3.12 (3.12.10 after
+  3.12.9, not before), from pyenv's versions folder: pyenv itself need not be on the PATH."""
+  root = tmp_path / "pyenv"
+  for version in ("3.11.7", "3.12.9", "3.12.10", "3.13.0"):
+    binary = root / "versions" / version / "bin" / f"python{version[:4]}"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o755)
+  env = {"HOME": str(tmp_path), "PYENV_ROOT": str(root), "PATH": "/usr/bin:/bin"}
+  if shutil.which("python3.12", path=env["PATH"]):
+    pytest.skip("this machine has a python3.12 in /usr/bin, which the Makefile takes first")
+  proc = subprocess.run(["make", "-s", "-C", REPO, "--eval", "print-python: ; @echo $(PYTHON)",
+                         "print-python"], env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == str(root / "versions" / "3.12.10" / "bin" / "python3.12")
