@@ -331,7 +331,7 @@ setup_workers() {
   local apt="sudo apt-get -o DPkg::Lock::Timeout=600 -q" py apt_python
   py="$(quote "${python_bin}")"
   apt_python="${apt} install -y ${py} $(quote "${python_bin}-venv")"
-  # Ubuntu 22.04 (the v2-v4 and v5 runtimes) has no python3.12 package: from the deadsnakes PPA.
+  # Ubuntu 22.04 images have no python3.12 package: then it comes from the deadsnakes PPA.
   install="{ command -v ${py} >/dev/null 2>&1 || { ${apt} update && { ${apt_python}"
   install+=" || { ${apt} install -y software-properties-common"
   install+=" && sudo add-apt-repository -y ppa:deadsnakes/ppa && ${apt} update && ${apt_python}; }; }; }; }"
