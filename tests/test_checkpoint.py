@@ -13,6 +13,7 @@ from train_utils import REPO, subprocess_env, tiny_overrides, tree_equal
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import config_utils
 from vlm_jax import runtime
+from vlm_jax.models import layers
 
 def cfg(kind="coca", **mesh_and_more):
   o = tiny_overrides(None, kind=kind)
@@ -107,12 +108,90 @@ def test_init_from_reports_missing_and_mismatched(tmp_path):
   loaded, messages = ck.restore_params(None, wide.abstract_state.params, skip="projection")
   assert "text_projection/kernel" not in loaded and "image/embedding/kernel" in loaded
   assert any("skipped by init_from_skip: text_projection/kernel" in m for m in messages)
-  # A model whose blocks are scanned would find none of a plain checkpoint's blocks: refused.
-  scanned = runtime.Runtime.create(cfg("clip", model__scan=True, model__remat=True))
-  with pytest.raises(ValueError, match=r"stores its Transformer blocks plain and the model "
-                                       r"scanned .*--config.model.scan=False"):
-    ck.restore_params(None, scanned.abstract_state.params)
   ck.close()
+
+
+def _save_params(directory, rt):
+  state = rt.init_state()
+  ck = ckpt_lib.Checkpointer(str(directory), async_save=False)
+  ck.save(1, state, {}, {})
+  ck.close()
+  return jax.device_get(state.params)
+
+
+def _assert_sharded_like(loaded: dict, abstract_params):
+  for path, want in ckpt_lib.flatten(abstract_params).items():
+    assert loaded[path].sharding.is_equivalent_to(want.sharding, len(want.shape)), path
+
+
+def test_init_from_converts_plain_and_scanned_blocks(tmp_path):
+  """Imported weights are stored plain (block_<i>); the pod recipes scan (blocks/, a leading
+  depth axis). Each layout restores into a model of the other, on an fsdp mesh, into the
+  model's shardings, and the model computes what the checkpoint's model computed."""
+  plain = runtime.Runtime.create(cfg("clip", mesh__data=2, mesh__fsdp=4, model__image__depth=2))
+  plain_params = _save_params(tmp_path / "plain", plain)
+  scanned = runtime.Runtime.create(cfg("clip", mesh__data=2, mesh__fsdp=4, model__image__depth=2,
+                                       model__scan=True, model__remat=True))
+
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "plain"), read_only=True)
+  loaded, messages = ck.restore_params(None, scanned.abstract_state.params)
+  ck.close()
+  want = ckpt_lib.flatten(layers.stack_block_params(plain_params))
+  assert sorted(loaded) == sorted(want)
+  for path, value in want.items():
+    np.testing.assert_array_equal(jax.device_get(loaded[path]), value, err_msg=path)
+  _assert_sharded_like(loaded, scanned.abstract_state.params)
+  assert any("blocks under image/encoder/ are plain and the model's scanned" in m
+             for m in messages)
+  assert not any("missing" in m or "unused" in m for m in messages), messages
+
+  # The same function: the scanned model on the converted params embeds as the plain one did.
+  batch = {"image": np.random.default_rng(0).uniform(size=(8, 32, 32, 3)).astype(np.float32),
+           "text": np.random.default_rng(1).integers(3, 60, size=(8, 8)).astype(np.int32)}
+  for fn in ("encode_images", "encode_texts"):
+    embed = lambda rt, params, fn=fn: np.asarray(rt.task.predict_fns(rt.config, rt.model)[fn](
+        params, batch))
+    np.testing.assert_allclose(embed(scanned, ckpt_lib.unflatten(loaded)),
+                               embed(plain, plain_params), rtol=1e-5, atol=1e-6, err_msg=fn)
+
+  # The trainer's path (`--config.init_from`): the scanned run starts from the plain params.
+  tuned = runtime.Runtime.create(cfg("clip", mesh__data=2, mesh__fsdp=4, model__image__depth=2,
+                                     model__scan=True, model__remat=True,
+                                     init_from=str(tmp_path / "plain")))
+  started = tuned.init_params_from(tuned.init_state())
+  np.testing.assert_array_equal(
+      jax.device_get(started.params["image"]["encoder"]["blocks"]["mlp"]["fc1"]["kernel"])[1],
+      plain_params["image"]["encoder"]["block_1"]["mlp"]["fc1"]["kernel"])
+
+  # And back: a scanned checkpoint into the plain model.
+  scanned_params = _save_params(tmp_path / "scanned", scanned)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "scanned"), read_only=True)
+  loaded, messages = ck.restore_params(None, plain.abstract_state.params)
+  want = ckpt_lib.flatten(layers.unstack_block_params(scanned_params))
+  assert sorted(loaded) == sorted(want)
+  for path, value in want.items():
+    np.testing.assert_array_equal(jax.device_get(loaded[path]), value, err_msg=path)
+  _assert_sharded_like(loaded, plain.abstract_state.params)
+  # init_from_skip names the model's params: one block left out of a restored stack.
+  loaded, messages = ck.restore_params(None, plain.abstract_state.params, skip=r"/block_1/")
+  assert "image/encoder/block_0/mlp/fc1/kernel" in loaded
+  assert not any("/block_1/" in p for p in loaded)
+  assert any("skipped by init_from_skip: image/encoder/block_1/mlp/fc1/kernel" in m
+             for m in messages)
+  # A deeper plain model does not take a shallower scanned stack: the shapes are named.
+  deeper = runtime.Runtime.create(cfg("clip", model__image__depth=3))
+  with pytest.raises(ValueError, match=r"shape mismatch for image/encoder/blocks/.*checkpoint "
+                                       r"\(2, .*vs model \(3, "):
+    ck.restore_params(None, deeper.abstract_state.params)
+  ck.close()
+
+  # A scanned model some of whose blocks the plain checkpoint lacks keeps those params fresh.
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "plain"), read_only=True)
+  loaded, messages = ck.restore_params(None, scanned.abstract_state.params, skip=r"/block_1/")
+  ck.close()
+  assert "image/encoder/blocks/mlp/fc1/kernel" not in loaded and "logit_scale" in loaded
+  assert any("kept fresh init: image/encoder/blocks/mlp/fc1/kernel (only 1 of its 2 blocks" in m
+             for m in messages)
 
 
 def test_saving_behind_is_measured_and_waited_for(tmp_path, caplog):

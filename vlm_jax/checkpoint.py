@@ -27,6 +27,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vlm_jax import checkpoint_layout
+
 PyTree = Any
 
 
@@ -206,7 +208,8 @@ class Checkpointer:
                      prefix: str = "") -> tuple[dict, list[str]]:
     """Loads the params present in both this checkpoint and `abstract_params` (ShapeDtypeStructs
     with target shardings), straight into those shardings; `ema`: its EMA params instead.
-    With `prefix`, only the params under `prefix/` are wanted (and reported on).
+    With `prefix`, only the params under `prefix/` are wanted (and reported on). Blocks stored
+    in the other layout (plain vs scanned, `model.scan`) are converted into the model's.
 
     Returns (restored params by path, messages about what was skipped, missing or unused).
     Shape mismatches raise a ValueError naming every mismatched param, unless the path matches
@@ -226,11 +229,15 @@ class Checkpointer:
       under = lambda path: path.startswith(prefix + "/")
       wanted = {p: v for p, v in wanted.items() if under(p)}
       saved = {p: v for p, v in saved.items() if under(p)}
-    _check_block_layouts(saved, wanted, field)
+    # A stack of blocks stored in the other layout (plain vs scanned) is read in the checkpoint's
+    # layout and converted afterwards: each checkpoint path below feeds one or more model paths.
+    relayout = checkpoint_layout.Relayout.plan(saved, wanted)
+    targets = relayout.checkpoint_targets(wanted)
     rx = re.compile(skip) if skip else None
-    messages, mismatched, target = [], [], {}
-    for path, want in wanted.items():
-      if rx is not None and rx.search(path):
+    skipped = lambda path: rx is not None and rx.search(path) is not None
+    messages, mismatched, target = relayout.messages(field), [], {}
+    for path, (want, model_paths) in targets.items():
+      if skipped(path) or all(skipped(p) for p in model_paths):
         messages.append(f"{field}: skipped by init_from_skip: {path}")
       elif path not in saved:
         messages.append(f"{field}: missing in checkpoint (kept fresh init): {path}")
@@ -240,7 +247,7 @@ class Checkpointer:
       else:
         target[path] = want
     for path in saved:
-      if path not in wanted:
+      if path not in targets:
         messages.append(f"{field}: unused checkpoint param: {path}")
     if mismatched:
       raise ValueError(f"{field}: shape mismatch for " + "; ".join(mismatched) +
@@ -251,7 +258,8 @@ class Checkpointer:
         state=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True)))
-    return flatten(restored.state[item_key]), messages
+    loaded, more = relayout.to_model(flatten(restored.state[item_key]), wanted, field, skipped)
+    return loaded, messages + more
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -284,26 +292,6 @@ def _ema_in(state_metadata) -> bool:
     return _get(state_metadata, "ema_params") is not None
   except (KeyError, AttributeError, TypeError):
     return False
-
-
-def _block_layout(paths) -> Optional[str]:
-  """'scanned' (blocks under one 'blocks' entry), 'plain' (block_<i>), or None."""
-  parts = {p for path in paths for p in path.split("/")}
-  if "blocks" in parts:
-    return "scanned"
-  return "plain" if any(re.fullmatch(r"block_\d+", p) for p in parts) else None
-
-
-def _check_block_layouts(saved: dict, wanted: dict, field: str) -> None:
-  """A checkpoint of the other block layout would load nothing of the blocks (every one
-  'missing'): refuse it, naming the setting that matches."""
-  have, want = _block_layout(saved), _block_layout(wanted)
-  if have and want and have != want:
-    raise ValueError(
-        f"{field}: the checkpoint stores its Transformer blocks {have} and the model "
-        f"{want} ({'model.scan=True' if want == 'scanned' else 'model.scan=False'}); set "
-        f"--config.model.scan={have == 'scanned'} to match it, or convert the checkpoint with "
-        "vlm_jax.models.layers.stack_block_params / unstack_block_params")
 
 
 def gather_json(obj: Any) -> list:
