@@ -204,6 +204,31 @@ def test_truncation_keeps_eos_and_pads_with_zero(vocab_file):
     tok.encode("x", 8)
 
 
+def test_hugging_face_files_give_our_ids(vocab_file, tmp_path):
+  """`hf_files` written to a folder: transformers' AutoTokenizer reads them as a CLIPTokenizer
+  and gives our ids up to the eos (it pads with the eos; a CLIP ignores what follows it)."""
+  transformers = pytest.importorskip("transformers")
+  tok = bpe.load(vocab_file[0])
+  for name, data in bpe.hf_files(tok, context_length=24).items():
+    (tmp_path / name).write_bytes(data)
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert type(hf).__name__ == "CLIPTokenizer" and hf.model_max_length == 24
+  assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id,
+                                                                 tok.eos_id)
+  texts = [t for t in TRICKY if "_of_text>" not in t] + ["photo " * 40, "wow!!! yes!"]
+  ours = tok.encode(texts, 24)
+  theirs = np.asarray(hf(texts, padding="max_length", max_length=24, truncation=True)[
+      "input_ids"])
+  for text, mine, row in zip(texts, ours, theirs):
+    end = mine.tolist().index(tok.eos_id) + 1
+    assert row[:end].tolist() == mine[:end].tolist(), text
+    assert set(row[end:].tolist()) <= {tok.eos_id}, text
+  # A merges list that makes a token twice has no one-id-per-token vocab.json: refused.
+  twice = bpe.BPETokenizer([("a", "b"), ("c", "d"), ("a", "b")])
+  with pytest.raises(ValueError, match=r"make some tokens twice \(ab\)"):
+    bpe.hf_files(twice)
+
+
 def test_decode_round_trip(vocab_file):
   tok = bpe.load(vocab_file[0])
   texts = ["a photo of a cat.", "naïve café 日本 😀", "it's 2024!"]

@@ -672,6 +672,38 @@ def test_convert_takes_the_tokenizer_beside_a_hf_checkpoint(tmp_path):
   np.testing.assert_array_equal(loaded.tokenize(texts), bpe.load(gz).encode(texts, CONTEXT))
 
 
+def test_hf_export_writes_the_bpe_tokenizer_transformers_loads(tmp_path):
+  """An OpenAI-BPE CLIP exported to Hugging Face brings its tokenizer as CLIPTokenizer files:
+  AutoTokenizer gives our ids (up to the eos; it pads with the eos), and CLIPModel on those ids
+  gives our text embeddings."""
+  from vlm_jax import export  # pylint: disable=g-import-not-at-top
+  from vlm_jax import inference  # pylint: disable=g-import-not-at-top
+  gz, _, vocab = _tiny_clip_vocab(str(tmp_path / "vocab"))
+  random_hf_model("quick_gelu", seed=5, vocab=vocab).save_pretrained(str(tmp_path / "hf"))
+  run = convert.convert_checkpoint("hf", str(tmp_path / "hf" / "model.safetensors"),
+                                   str(tmp_path / "run"), tokenizer=gz)
+  loaded = inference.load(run)
+  assert loaded.config.tokenizer.kind == "bpe"
+  report = export.export(run, "hf", str(tmp_path / "exported"))
+  assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= set(report["tokenizer_files"])
+
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "exported"))
+  texts = ["the red circle.", "an orange square on the left!", "There circle " * 9, "é ü!"]
+  ours = loaded.tokenize(texts)
+  theirs = np.asarray(hf_tokenizer(texts, padding="max_length", max_length=CONTEXT,
+                                   truncation=True)["input_ids"])
+  eos = int(ours[0].max())
+  assert theirs.shape == ours.shape
+  for mine, hf_row in zip(ours, theirs):
+    end = list(mine).index(eos) + 1
+    assert list(hf_row[:end]) == list(mine[:end]), (hf_row, mine)
+    assert set(hf_row[end:].tolist()) <= {eos}
+  hf_model = transformers.CLIPModel.from_pretrained(str(tmp_path / "exported")).eval()
+  images = np.zeros((len(texts), IMAGE, IMAGE, 3), np.float32)
+  _, hf_text, _ = hf_outputs(hf_model, images, theirs)
+  np.testing.assert_allclose(loaded.encode_texts(ours), hf_text, atol=1e-4)
+
+
 def test_convert_without_a_tokenizer_fails_before_reading(one_reference, tmp_path, monkeypatch):
   _, _, d, pt, model_json, _ = one_reference
   # Without --tokenizer the CLIP vocabulary inside an installed open_clip is the default...

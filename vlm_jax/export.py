@@ -7,8 +7,10 @@
 
 Outputs:
   hf        DIR/config.json (CLIPModel or SiglipModel), DIR/model.safetensors, and the
-            tokenizer where its kind allows (tokenizer.json for 'hf', spiece.model for a
-            SentencePiece SigLIP tokenizer); `transformers.AutoModel.from_pretrained(DIR)`.
+            tokenizer where its kind allows (tokenizer.json for 'hf'; vocab.json, merges.txt and
+            tokenizer_config.json for OpenAI's BPE; spiece.model for a SentencePiece SigLIP
+            tokenizer); `transformers.AutoModel.from_pretrained(DIR)`,
+            `transformers.AutoTokenizer.from_pretrained(DIR)`.
   openclip  DIR/open_clip_model.safetensors (OpenAI / OpenCLIP key names) and
             DIR/open_clip_config.json ({"model_cfg": <an open_clip model config>}):
             `open_clip.create_model(..., pretrained=DIR/open_clip_model.safetensors)` with that
@@ -354,15 +356,19 @@ def load_run(workdir: str, step=None, ema: bool = False):
   return loaded.config, layers.unstack_block_params(params), loaded.tokenizer, loaded.step
 
 
-def _tokenizer_files(tokenizer, family: str) -> dict:
-  """{filename: bytes} of the tokenizer in the Hugging Face folder, where its kind has a file
-  transformers reads for the target (tokenizer.json; a SigLIP's SentencePiece spiece.model)."""
+def _tokenizer_files(tokenizer, family: str, config) -> dict:
+  """{filename: bytes} of the tokenizer in the Hugging Face folder, where its kind has files
+  transformers reads for the target (tokenizer.json; OpenAI's BPE as CLIPTokenizer's vocab.json
+  and merges.txt; a SigLIP's SentencePiece spiece.model)."""
   if tokenizer is None:
     return {}
+  from vlm_jax.data import bpe  # pylint: disable=g-import-not-at-top
   from vlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   inner = getattr(tokenizer, "tok", tokenizer)
   if getattr(inner, "kind", None) == "hf":
     return {"tokenizer.json": tokenizers.to_bytes(inner)}
+  if family == "clip" and isinstance(inner, bpe.BPETokenizer):
+    return bpe.hf_files(inner, int(config.model.text.context_length))
   if family == "siglip" and getattr(inner, "model_proto", None):
     return {"spiece.model": tokenizers.to_bytes(inner)}
   return {}
@@ -394,7 +400,7 @@ def export(workdir: str, fmt: str, out: str, *, step=None, ema: bool = False,
     state = (to_hf_siglip if family == "siglip" else to_hf_clip)(params, config)
     description = (hf_siglip_config if family == "siglip" else hf_clip_config)(config, tokenizer)
     weights_name, config_name = "model.safetensors", "config.json"
-    files.update(_tokenizer_files(tokenizer, family))
+    files.update(_tokenizer_files(tokenizer, family, config))
   else:
     state = to_openclip(params, config)
     description = {"model_cfg": openclip_config(config, tokenizer)}

@@ -22,8 +22,10 @@ module is needed.
 """
 from __future__ import annotations
 
+import collections
 import gzip
 import html
+import json
 import os
 import unicodedata
 
@@ -260,6 +262,42 @@ class BPETokenizer:
 
 def load(path: str | os.PathLike) -> BPETokenizer:
   return BPETokenizer.load(path)
+
+
+# Hugging Face's names for the two special tokens (the ids are the same).
+HF_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def hf_files(tokenizer: BPETokenizer, context_length: int = CONTEXT_LENGTH) -> dict[str, bytes]:
+  """The tokenizer as transformers' `CLIPTokenizer` files: {filename: bytes} of vocab.json,
+  merges.txt, tokenizer_config.json and special_tokens_map.json.
+
+  `AutoTokenizer.from_pretrained(DIR)(texts, padding='max_length', max_length=context_length,
+  truncation=True)` then gives `tokenizer.encode(texts, context_length)`'s ids up to and with
+  the eos: the same vocabulary and merges, the special tokens under Hugging Face's names. It
+  pads with `<|endoftext|>`, as OpenAI's CLIP tokenizers on the Hub do, not with id 0: a pad
+  token is split out of the text before BPE, and id 0 is the real token '!'. A CLIP pools at the
+  first eos and attends causally, so the padding changes no embedding. Hugging Face's text
+  cleaning has no ftfy repair and no HTML unescaping, so only text those change gets other ids
+  there."""
+  # pylint: disable=protected-access
+  tokens = [tokenizer._decoder[i] for i in range(tokenizer.vocab_size)]
+  if len(set(tokens)) != len(tokens):
+    repeated = sorted(t for t, n in collections.Counter(tokens).items() if n > 1)[:5]
+    raise ValueError(f"tokenizer: its merges make some tokens twice ({', '.join(repeated)}): "
+                     "a vocab.json (one id per token) cannot hold every id")
+  tokens[-2:] = HF_SPECIALS
+  merges = sorted(tokenizer._ranks, key=tokenizer._ranks.get)
+  bos, eos = HF_SPECIALS
+  specials = {"bos_token": bos, "eos_token": eos, "unk_token": eos, "pad_token": eos}
+  config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": int(context_length),
+            "do_lower_case": True, "errors": "replace", "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False, **specials}
+  as_json = lambda obj: json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")
+  return {"vocab.json": as_json({t: i for i, t in enumerate(tokens)}),
+          "merges.txt": ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode(),
+          "tokenizer_config.json": as_json(config),
+          "special_tokens_map.json": as_json(specials)}
 
 
 def _as_texts(texts) -> list[str]:
