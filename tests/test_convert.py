@@ -652,6 +652,30 @@ def _tiny_clip_vocab(folder):
   return gz, os.path.join(hf_dir, "tokenizer.json"), len(encoder)
 
 
+def test_init_from_warns_of_fields_that_change_the_function(one_reference):
+  """Fine-tuning converted OpenAI weights with a config whose activation or padding id differs
+  loads every param but computes another function: each such field is named, with the value
+  that keeps the checkpoint's; precision, memory and kernel settings are not."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from vlm_jax import inference  # pylint: disable=g-import-not-at-top
+  from vlm_jax import runtime  # pylint: disable=g-import-not-at-top
+  out = one_reference[-1]["hf"]
+  loc = ckpt_lib.locate(out, field="init_from")
+  saved = inference.load_config(loc)
+  assert runtime.function_differences(saved, loc, "", out) == []
+  ours = copy.deepcopy(saved)
+  ours.model.image.act = "gelu"                 # the checkpoint's is OpenAI's quick_gelu
+  ours.model.text.pad_id = 0                    # converted: -1 (OpenAI never masks padding)
+  ours.model.scan, ours.model.remat, ours.model.dtype = True, True, "bfloat16"
+  messages = runtime.function_differences(ours, loc, "", out)
+  assert len(messages) == 2, messages
+  assert "model.image.act is 'gelu' here but 'quick_gelu' in the checkpoint's config" in messages[0]
+  assert "--config.model.image.act=quick_gelu" in messages[0]
+  assert "model.text.pad_id is 0 here but -1" in messages[1]
+  # With a subtree entry (init_from=image=DIR) only that tower is compared.
+  assert len(runtime.function_differences(ours, loc, "image", out)) == 1
+
+
 def test_convert_takes_the_tokenizer_beside_a_hf_checkpoint(tmp_path):
   from vlm_jax import inference  # pylint: disable=g-import-not-at-top
   from vlm_jax.data import bpe  # pylint: disable=g-import-not-at-top

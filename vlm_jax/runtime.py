@@ -118,6 +118,8 @@ class Runtime:
     for subtree, where in ckpt_lib.init_from_entries(config.init_from):
       loc = ckpt_lib.locate(where, field="init_from")
       check_tower_sizes(config, loc, subtree, where)
+      for message in function_differences(config, loc, subtree, where):
+        logging.warning("%s", message)
       source = ckpt_lib.Checkpointer(loc.checkpoints, read_only=True, async_save=False)
       try:
         loaded, messages = source.restore_params(loc.step, self.abstract_state.params,
@@ -145,19 +147,34 @@ class Runtime:
 # Tower fields whose difference makes a checkpoint's params the wrong set (not only the wrong
 # shapes): named in the error before any param is read.
 _STRUCTURAL = ("name", "depth", "blocks")
+# Model fields that change neither the params nor the function they compute (precision, memory,
+# kernels, regularisation), or that the params' shapes already check, or that only initialise.
+_NOT_THE_FUNCTION = ("dtype", "param_dtype", "remat", "remat_policy", "scan", "attention",
+                     "dropout", "variant", "width", "mlp_dim", "vocab_size", "context_length",
+                     "image_size", "embed_dim", "use_bias", "patch_bias", "proj_bias",
+                     "image_proj") + _STRUCTURAL
+
+
+def _saved_model_config(loc):
+  from vlm_jax import inference  # pylint: disable=g-import-not-at-top
+  try:
+    return inference.load_config(loc).model
+  except (FileNotFoundError, ValueError):
+    return None                       # no saved config: the params' shapes are checked anyway
+
+
+def _sections(ours, subtree: str) -> list:
+  return [subtree] if subtree else [k for k in ours if hasattr(ours[k], "get")]
 
 
 def check_tower_sizes(config, loc, subtree: str, where: str) -> None:
   """init_from: a tower of the checkpoint (its saved config) with another architecture name or
   depth than this model's fails naming both (e.g. a ResNet-50 into a ResNet-18)."""
-  from vlm_jax import inference  # pylint: disable=g-import-not-at-top
-  try:
-    saved = inference.load_config(loc).model
-  except (FileNotFoundError, ValueError):
-    return                            # no saved config: the params' shapes are checked anyway
+  saved = _saved_model_config(loc)
+  if saved is None:
+    return
   ours = config.model
-  sections = [subtree] if subtree else [k for k in ours if hasattr(ours[k], "get")]
-  for section in sections:
+  for section in _sections(ours, subtree):
     mine, theirs = ours.get(section), saved.get(section)
     if not (hasattr(mine, "get") and hasattr(theirs, "get")):
       continue
@@ -166,6 +183,35 @@ def check_tower_sizes(config, loc, subtree: str, where: str) -> None:
       if a is not None and b is not None and a != b:
         raise ValueError(f"init_from={where}: its model.{section}.{field} is {b!r} but this "
                          f"model's model.{section}.{field} is {a!r}; the params do not carry over")
+
+
+def function_differences(config, loc, subtree: str, where: str) -> list[str]:
+  """init_from: the model fields, set in both configs, that make this model compute another
+  function than the checkpoint's on the same params (an activation, a LayerNorm epsilon, the
+  pooling, the head count, the padding id, ...): one warning each. The params still load (a
+  fine-tune may change them on purpose), but OpenAI's QuickGELU weights run with exact GELU,
+  say, start from a worse model than the one converted."""
+  saved = _saved_model_config(loc)
+  if saved is None:
+    return []
+  ours, pairs = config.model, []
+  for section in _sections(ours, subtree):
+    mine, theirs = ours.get(section), saved.get(section)
+    if hasattr(mine, "get") and hasattr(theirs, "get"):
+      pairs += [(f"model.{section}.{k}", mine.get(k), theirs.get(k)) for k in mine]
+  if not subtree:
+    pairs += [(f"model.{k}", ours.get(k), saved.get(k)) for k in ours
+              if not hasattr(ours.get(k), "get")]
+  out = []
+  for name, a, b in pairs:
+    field = name.rsplit(".", 1)[1]
+    if (field in _NOT_THE_FUNCTION or field.endswith("_init") or a is None or b is None
+        or hasattr(a, "get") or a == b):
+      continue
+    out.append(f"init_from={where}: {name} is {a!r} here but {b!r} in the checkpoint's config: "
+               f"the params load, but compute another function than they did there (set "
+               f"--config.{name}={b} to keep it)")
+  return out
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
