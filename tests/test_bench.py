@@ -463,13 +463,16 @@ def test_gpu_check_without_an_accelerator_refuses_at_once(tmp_path):
 
 
 def test_index_benchmark_prints_exact_and_approximate_figures():
-  r = _json_line(_run_script("index.py", "--n=4000", "--dim=32", "--queries=50"))
+  r = _json_line(_run_script("index.py", "--n=4000", "--dim=32", "--queries=50",
+                             "--pq_bytes=8", "--target_recall=0.9"))
   assert r["bench"] == "index" and r["n"] == 4000 and r["k"] == 10
-  exact, approximate = r["exact"], r["approximate"]
+  exact, approximate, compressed = r["exact"], r["approximate"], r["compressed"]
   assert exact["recall_at_10"] == 1.0 and exact["bytes"] == 4000 * 32 * 4
   assert 0.5 < approximate["recall_at_10"] <= 1.0
   assert 1 <= approximate["nprobe"] <= approximate["nlist"]
-  for method in (exact, approximate):
+  assert 0.5 < compressed["recall_at_10"] <= 1.0 and compressed["pq_bytes"] == 8
+  assert compressed["bytes"] < approximate["bytes"]
+  for method in (exact, approximate, compressed):
     assert method["queries_per_s"] > 0 and method["build_s"] >= 0 and method["bytes"] > 0
 
 

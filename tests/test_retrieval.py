@@ -67,6 +67,59 @@ def test_approximate_index_reaches_its_recall_and_round_trips(tmp_path):
     search.Index.build(np.zeros((0, 32), np.float32), [], model=model, kind="images")
 
 
+def _clustered(n, dim, seed, centres=100):
+  rng = np.random.default_rng(seed)
+  c = np.random.default_rng(123).normal(size=(centres, dim)).astype(np.float32)
+  return _unit(c[rng.integers(0, centres, n)] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32))
+
+
+def test_rerank_orders_candidates_by_exact_scores():
+  rng = np.random.default_rng(2)
+  vectors = _unit(rng.normal(size=(50, 8)).astype(np.float32))
+  queries = _unit(rng.normal(size=(3, 8)).astype(np.float32))
+  candidates = np.array([[5, 9, 1, -1, 7], [2, 49, 3, 4, 0], [-1, -1, 6, -1, -1]])
+  scores, positions = search.rerank(queries, candidates, vectors, k=3, chunk=2)
+  full = queries @ vectors.T
+  for q in range(2):
+    want = sorted((c for c in candidates[q] if c >= 0), key=lambda c: -full[q, c])[:3]
+    assert positions[q].tolist() == want
+    np.testing.assert_allclose(scores[q], full[q, want], rtol=1e-5)
+  # Fewer real candidates than k: the rest is -inf / -1.
+  assert positions[2].tolist() == [6, -1, -1] and np.isneginf(scores[2, 1:]).all()
+
+
+def test_product_quantised_index_reranks_from_disk(tmp_path):
+  """IVF-PQ: codes of 8 bytes for 32-d vectors (16x smaller than the vectors), candidates
+  re-ranked by the exact vectors memory-mapped from the index folder."""
+  vectors, queries = _clustered(20000, 32, 3), _clustered(300, 32, 4)
+  model = {"embed_dim": 32, "model_id": "m"}
+  rows = [{"id": f"v{i}"} for i in range(len(vectors))]
+  index = search.Index.build(vectors, rows, model=model, kind="images", pq_bytes=8,
+                             target_recall=0.9)
+  assert index.backend == "faiss_ivf_pq" and index.rerank_factor == search.DEFAULT_RERANK
+  _, exact = search.exact_search(queries, vectors, 10)
+  _, found = index.search(queries, 10)
+  assert search.recall_at_k(found, exact) >= 0.85
+  assert index.nbytes() < vectors.nbytes / 4
+  loaded = search.Index.load(index.save(str(tmp_path / "pq")))
+  assert isinstance(loaded.vectors, np.memmap) and loaded.rerank_factor == index.rerank_factor
+  np.testing.assert_array_equal(loaded.search(queries, 10)[1], found)
+  with open(tmp_path / "pq" / "index.json") as f:
+    assert json.load(f)["backend"] == "faiss_ivf_pq"
+  # Without re-ranking the codes alone cannot reach a high target: the build says what they do.
+  with pytest.raises(search.UnreachableRecall, match=r"recall@10 0\.\d+ with every one of the "
+                                                     r"\d+ lists searched, below the target 0.99"):
+    search.Index.build(vectors, rows, model=model, kind="images", pq_bytes=8, rerank_factor=0,
+                       target_recall=0.99)
+  with pytest.raises(ValueError, match="pq_bytes=7 must divide the embedding size 32"):
+    search.Index.build(vectors, rows, model=model, kind="images", pq_bytes=7)
+  with pytest.raises(ValueError, match="needs at least that many vectors; 100 given"):
+    search.Index.build(vectors[:100], rows[:100], model=model, kind="images", pq_bytes=8)
+  with pytest.raises(ValueError, match="re-ranking is for an index of compressed vectors"):
+    search.Index.build(vectors, rows, model=model, kind="images", approximate=True,
+                       rerank_factor=4)
+
+
 @pytest.fixture(scope="module")
 def clip_run(shapes_data_dir, shapes_tokenizer, tmp_path_factory):
   """A tiny CLIP trained for 4 steps, loaded for inference."""

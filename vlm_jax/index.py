@@ -2,6 +2,7 @@ r"""Build a vector index from `vlm_jax.embed` output, and query it with the same
 
   python -m vlm_jax.index build --embeddings runs/clip/embeddings --kind texts \
       --out runs/clip/caption_index [--approximate --nlist 4096 --target_recall 0.95]
+      [--pq_bytes 32 --rerank 10]
   python -m vlm_jax.index query --index runs/clip/caption_index --workdir runs/clip \
       --text "a red circle" -k 10
   python -m vlm_jax.index query --index runs/clip/image_index --workdir runs/clip \
@@ -12,8 +13,9 @@ r"""Build a vector index from `vlm_jax.embed` output, and query it with the same
 
 `build` indexes the image (`--kind images`) or caption (`--kind texts`) embeddings: exact search
 (every vector, blocked matrix products on the accelerator when there is one) by default, or a
-faiss inverted-file index with `--approximate` for corpora past a few million vectors (see
-`vlm_jax.search`). `query` embeds the text or image with the checkpoint in --workdir, refuses
+faiss inverted-file index with `--approximate` for corpora past a few million vectors, with
+`--pq_bytes N` one whose lists hold N-byte codes instead of the vectors, its candidates
+re-ranked by the exact vectors read from disk (see `vlm_jax.search`). `query` embeds the text or image with the checkpoint in --workdir, refuses
 an index built with another model (naming both), and prints one line per hit: rank, score, id,
 caption (text index) or the image's captions (image index); `--json` prints JSON lines instead.
 `neighbours` writes, for every image of an embeddings folder, the k nearest captions of a
@@ -50,6 +52,12 @@ def define_flags():
                                           "(default: calibrated to --target_recall).")
   _FLAGS["target_recall"] = flags.DEFINE_float("target_recall", 0.95,
                                                "build: recall@10 the calibrated nprobe reaches.")
+  _FLAGS["pq_bytes"] = flags.DEFINE_integer(
+      "pq_bytes", None, "build: product-quantised codes of this many bytes per vector in the "
+      "IVF lists (implies --approximate; must divide the embedding size).")
+  _FLAGS["rerank"] = flags.DEFINE_integer(
+      "rerank", None, "build, with --pq_bytes: re-rank this many candidates per result by "
+      f"the exact vectors, kept on disk (default {search.DEFAULT_RERANK}; 0: keep none).")
   _FLAGS["index"] = flags.DEFINE_string("index", None, "query / neighbours: the index folder.")
   _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "query: the model's run directory.")
   _FLAGS["step"] = flags.DEFINE_integer("step", None, "query: checkpoint step (default latest).")
@@ -60,11 +68,13 @@ def define_flags():
 
 
 def build(embeddings: str, kind: str, out: str, *, approximate: bool = False, nlist=None,
-          nprobe=None, target_recall: float = 0.95) -> search.Index:
+          nprobe=None, target_recall: float = 0.95, pq_bytes=None,
+          rerank_factor=None) -> search.Index:
   vectors, rows, manifest = embed_lib.read(embeddings, kind)
   index = search.Index.build(vectors, rows, model=manifest["model"], kind=kind,
                              approximate=approximate, nlist=nlist, nprobe=nprobe,
-                             target_recall=target_recall)
+                             target_recall=target_recall, pq_bytes=pq_bytes,
+                             rerank_factor=rerank_factor)
   index.save(out)
   return index
 
@@ -134,9 +144,11 @@ def main(argv):
           raise ValueError(f"index build: --{name} is required")
       index = build(_FLAGS["embeddings"].value, _FLAGS["kind"].value, _FLAGS["out"].value,
                     approximate=_FLAGS["approximate"].value, nlist=_FLAGS["nlist"].value,
-                    nprobe=_FLAGS["nprobe"].value, target_recall=_FLAGS["target_recall"].value)
+                    nprobe=_FLAGS["nprobe"].value, target_recall=_FLAGS["target_recall"].value,
+                    pq_bytes=_FLAGS["pq_bytes"].value, rerank_factor=_FLAGS["rerank"].value)
       print(json.dumps({"out": index.path, "kind": index.kind, "count": len(index),
-                        "approximate": index.approximate, "nprobe": index.nprobe,
+                        "backend": index.backend, "approximate": index.approximate,
+                        "nprobe": index.nprobe, "rerank_factor": index.rerank_factor,
                         "bytes": index.nbytes()}), flush=True)
       return
     for name in ("index", "workdir"):
