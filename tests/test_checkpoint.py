@@ -194,6 +194,31 @@ def test_init_from_converts_plain_and_scanned_blocks(tmp_path):
              for m in messages)
 
 
+def test_init_from_resamples_the_image_position_embedding_to_another_grid(tmp_path):
+  """Fine-tuning at a higher resolution: the 32 px run's 8x8 position embedding starts the
+  48 px model's 12x12 one (resized, into its sharding); every other param loads as it is."""
+  low = runtime.Runtime.create(cfg("clip", mesh__data=2, mesh__fsdp=4))
+  params = _save_params(tmp_path / "low", low)
+  high = runtime.Runtime.create(cfg("clip", mesh__data=2, mesh__fsdp=4,
+                                    model__image__image_size=48))
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "low"), read_only=True)
+  loaded, messages = ck.restore_params(None, high.abstract_state.params)
+  ck.close()
+  saved = params["image"]["pos_embedding"]
+  assert saved.shape[0] == 64 and loaded["image/pos_embedding"].shape[0] == 144
+  np.testing.assert_allclose(jax.device_get(loaded["image/pos_embedding"]),
+                             layers.resample_grid_posemb(saved, 0, 12), atol=1e-6)
+  assert any("image/pos_embedding resampled from a 8x8 grid to 12x12" in m for m in messages)
+  assert sorted(loaded) == sorted(ckpt_lib.flatten(high.abstract_state.params))
+  _assert_sharded_like(loaded, high.abstract_state.params)
+  # A text position embedding of another length is no grid: still a named shape mismatch.
+  longer = runtime.Runtime.create(cfg("clip", model__text__context_length=12))
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "low"), read_only=True)
+  with pytest.raises(ValueError, match=r"shape mismatch for text/pos_embedding"):
+    ck.restore_params(None, longer.abstract_state.params)
+  ck.close()
+
+
 def test_saving_behind_is_measured_and_waited_for(tmp_path, caplog):
   """An async save still in progress does not count as the newest checkpoint, and the next save
   waits for it (with a warning) instead of letting the gap a kill would lose grow."""

@@ -93,6 +93,23 @@ def test_remat_and_scan_match_plain_stack():
   assert boxed.names == ("layers", "embed", "mlp")
 
 
+@pytest.mark.parametrize("grid", [12, 7, 4])
+def test_resampled_position_embedding_equals_open_clips_resize(grid):
+  """open_clip's `resize_pos_embed` (and timm's) resize the grid part with torch's antialiased
+  bicubic interpolation and keep the class token's row: the same numbers, up and down."""
+  torch = pytest.importorskip("torch")
+  pos = np.random.default_rng(0).normal(size=(1 + 7 * 7, 16)).astype(np.float32)
+  ours = np.asarray(layers.resample_grid_posemb(jnp.asarray(pos), 1, grid))
+  image = torch.from_numpy(pos[1:]).reshape(1, 7, 7, 16).permute(0, 3, 1, 2)
+  ref = torch.nn.functional.interpolate(image, size=(grid, grid), mode="bicubic",
+                                        antialias=True, align_corners=False)
+  np.testing.assert_allclose(ours[1:], ref.permute(0, 2, 3, 1).reshape(grid * grid, 16).numpy(),
+                             atol=2e-6)
+  np.testing.assert_array_equal(ours[0], pos[0])
+  with pytest.raises(ValueError, match="48 positions after 1 prefix token.* not a square grid"):
+    layers.resample_grid_posemb(jnp.asarray(pos[:49]), 1, grid)
+
+
 @pytest.mark.parametrize("policy", sorted(layers.REMAT_POLICIES))
 def test_remat_policies_change_memory_not_gradients(policy):
   enc, variables, x, mask = _encoder_outputs()

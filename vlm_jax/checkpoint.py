@@ -209,7 +209,8 @@ class Checkpointer:
     """Loads the params present in both this checkpoint and `abstract_params` (ShapeDtypeStructs
     with target shardings), straight into those shardings; `ema`: its EMA params instead.
     With `prefix`, only the params under `prefix/` are wanted (and reported on). Blocks stored
-    in the other layout (plain vs scanned, `model.scan`) are converted into the model's.
+    in the other layout (plain vs scanned, `model.scan`) are converted into the model's, and an
+    image tower's position embedding learned for another patch grid is resampled to the model's.
 
     Returns (restored params by path, messages about what was skipped, missing or unused).
     Shape mismatches raise a ValueError naming every mismatched param, unless the path matches
@@ -235,12 +236,21 @@ class Checkpointer:
     targets = relayout.checkpoint_targets(wanted)
     rx = re.compile(skip) if skip else None
     skipped = lambda path: rx is not None and rx.search(path) is not None
-    messages, mismatched, target = relayout.messages(field), [], {}
+    messages, mismatched, target, resample = relayout.messages(field), [], {}, {}
     for path, (want, model_paths) in targets.items():
+      plan = path in saved and checkpoint_layout.grid_resample_plan(
+          path, tuple(saved[path].shape), tuple(want.shape))
       if skipped(path) or all(skipped(p) for p in model_paths):
         messages.append(f"{field}: skipped by init_from_skip: {path}")
       elif path not in saved:
         messages.append(f"{field}: missing in checkpoint (kept fresh init): {path}")
+      elif tuple(saved[path].shape) != tuple(want.shape) and plan:
+        # An image tower's position embedding for another grid: read as stored, resized below.
+        resample[path] = plan
+        target[path] = jax.ShapeDtypeStruct(tuple(saved[path].shape), want.dtype,
+                                            sharding=checkpoint_layout.replicated(want.sharding))
+        messages.append(f"{field}: {path} resampled from a {plan[1]}x{plan[1]} grid to "
+                        f"{plan[2]}x{plan[2]} (antialiased bicubic)")
       elif tuple(saved[path].shape) != tuple(want.shape):
         mismatched.append(f"{path}: checkpoint {tuple(saved[path].shape)} vs model "
                           f"{tuple(want.shape)}")
@@ -259,7 +269,7 @@ class Checkpointer:
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True)))
     loaded, more = relayout.to_model(flatten(restored.state[item_key]), wanted, field, skipped)
-    return loaded, messages + more
+    return checkpoint_layout.resample_grids(loaded, resample, wanted), messages + more
 
   def wait(self):
     self.manager.wait_until_finished()

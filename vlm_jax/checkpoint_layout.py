@@ -1,4 +1,6 @@
-"""Restoring Transformer blocks stored in one layout into a model built in the other.
+"""Restoring params stored in another layout or grid: Transformer blocks stored plain into a
+model that scans them (or the other way round), and an image tower's position embedding
+learned for another patch grid.
 
 A stack of blocks is stored either plain, one entry per block (`image/encoder/block_<i>/...`),
 or scanned (`model.scan=True`: one entry `image/encoder/blocks/...` whose arrays have a leading
@@ -12,15 +14,22 @@ checkpoint's layout (each block's sharding is the stacked one without its leadin
 other way round), so Orbax reads every array straight into place; `to_model(restored)` then
 stacks or slices the restored arrays into the model's layout, each into its target sharding.
 Nothing is read twice and no array passes through one device whole.
+
+`grid_resample_plan` recognises an image tower's learned position embedding stored for another
+grid (fine-tuning at another image size or patch count); `resample_grids` resizes the restored
+ones (`layers.resample_grid_posemb`, as open_clip, timm and big_vision do on load).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from vlm_jax.models import layers
 
 _BLOCK_PART = re.compile(r"block_(\d+)|blocks")
 
@@ -150,3 +159,37 @@ class Relayout:
       for i, array in zip(order, blocks):
         out[by_index[i][0]] = array
     return out, messages
+
+
+def grid_resample_plan(path: str, saved_shape, wanted_shape) -> Optional[tuple[int, int, int]]:
+  """(prefix tokens, saved grid, wanted grid) when `path` is an image tower's learned position
+  embedding [prefix + g * g, W] stored for another grid of the same width; None otherwise (the
+  shapes then simply mismatch)."""
+  if not (path.startswith("image/") and path.endswith("pos_embedding")):
+    return None
+  if len(saved_shape) != 2 or len(wanted_shape) != 2 or saved_shape[1] != wanted_shape[1]:
+    return None
+  for prefix in (1, 0):      # a class (or pooling) token first, or none
+    have, want = saved_shape[0] - prefix, wanted_shape[0] - prefix
+    if have > 0 and want > 0 and math.isqrt(have) ** 2 == have and math.isqrt(want) ** 2 == want:
+      return prefix, math.isqrt(have), math.isqrt(want)
+  return None
+
+
+def replicated(sharding):
+  """The same devices, nothing split (a param restored at the checkpoint's shape, which the
+  target's partitioning may not divide)."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return sharding
+
+
+def resample_grids(loaded: dict, plans: dict, wanted: dict) -> dict:
+  """`loaded` with each position embedding of `plans` ({path: grid_resample_plan}) resized to
+  its wanted grid, into its target sharding."""
+  out = dict(loaded)
+  for path, (prefix, _, grid) in plans.items():
+    if path in out:
+      out[path] = jax.jit(lambda pos, prefix=prefix, grid=grid: layers.resample_grid_posemb(
+          pos, prefix, grid), out_shardings=getattr(wanted[path], "sharding", None))(out[path])
+  return out

@@ -410,6 +410,25 @@ def run_blocks(block_cls, depth: int, x: Array, *args, remat: bool | str = False
   return x
 
 
+# --- Position embeddings of an image grid at another resolution. ---
+
+
+def resample_grid_posemb(pos: Array, prefix_tokens: int, grid: int) -> Array:
+  """A learned position embedding [prefix_tokens + g * g, W] of a g x g patch grid (row-major
+  after its class / pooling token) for a grid x grid one: the grid part resized with
+  antialiased bicubic interpolation (the method open_clip's `resize_pos_embed` and timm use),
+  the prefix kept. Fine-tuning at another image size or patch count starts from it."""
+  old = int(round((pos.shape[0] - prefix_tokens) ** 0.5))
+  if old * old != pos.shape[0] - prefix_tokens:
+    raise ValueError(f"pos_embedding: {pos.shape[0] - prefix_tokens} positions after "
+                     f"{prefix_tokens} prefix token(s) are not a square grid")
+  width = pos.shape[1]
+  image = pos[prefix_tokens:].reshape(old, old, width).astype(jnp.float32)
+  image = jax.image.resize(image, (grid, grid, width), method="bicubic", antialias=True)
+  return jnp.concatenate([pos[:prefix_tokens].astype(jnp.float32),
+                          image.reshape(grid * grid, width)]).astype(pos.dtype)
+
+
 # --- Converting parameters between the plain and the scanned layout. ---
 
 _BLOCK_RE = re.compile(r"^block_(\d+)$")
