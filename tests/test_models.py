@@ -155,6 +155,48 @@ def test_vit_shapes_and_pooling(pool, class_token, posemb, ln_pre):
     assert params["pos_embedding"].shape == (1 + (IMG // 8) ** 2, 16)   # row 0: class token
 
 
+def test_patch_dropout_keeps_random_patches_in_training_only():
+  """FLIP / open_clip patch dropout: in training the encoder sees the class token and a random
+  quarter of the 16 patches (per example, in their order); evaluation sees them all."""
+  c = vit_lib.default_config()
+  c.update(variant="mu/4", image_size=IMG, width=16, num_heads=2, mlp_dim=32, pool="cls",
+           class_token=True, ln_pre=True, patch_dropout=0.75)
+  vit = vit_lib.from_config(c)
+  images = jax.random.normal(jax.random.key(1), (3, IMG, IMG, 3))
+  variables = jax.jit(vit.init)(KEY, images)
+  _, tokens = jax.jit(vit.apply)(variables, images)
+  assert tokens.shape == (3, 16, 16)
+  train = jax.jit(lambda v, x, r: vit.apply(v, x, train=True, rngs={"dropout": r}))
+  pooled, kept = train(variables, images, jax.random.key(2))
+  assert kept.shape == (3, 4, 16) and bool(jnp.isfinite(pooled).all())
+  np.testing.assert_array_equal(train(variables, images, jax.random.key(2))[1], kept)
+  assert not np.array_equal(train(variables, images, jax.random.key(3))[1], kept)
+  # Without patch dropout a training forward (dropout 0) is the evaluation forward.
+  plain = vit_lib.from_config(_with(c, patch_dropout=0.0))
+  np.testing.assert_allclose(plain.apply(variables, images, train=True,
+                                         rngs={"dropout": jax.random.key(2)})[1], tokens,
+                             rtol=1e-6, atol=1e-6)
+  # The encoder's FLOPs shrink with the kept tokens; a rate of 1 keeps nothing and is refused.
+  assert vit_lib.forward_flops(c) < 0.5 * vit_lib.forward_flops(_with(c, patch_dropout=0.0))
+  with pytest.raises(ValueError, match=r"model\.image\.patch_dropout: 1.0 is not a fraction"):
+    vit_lib.from_config(_with(c, patch_dropout=1.0))
+
+
+def test_keep_random_patches_keeps_the_prefix_and_distinct_patches_in_order():
+  x = jnp.broadcast_to(jnp.arange(1 + 10, dtype=jnp.float32)[None, :, None], (4, 11, 2))
+  out = np.asarray(vit_lib.keep_random_patches(x, 1, 3, jax.random.key(0)))[..., 0]
+  assert out.shape == (4, 4) and (out[:, 0] == 0).all()
+  for row in out[:, 1:]:
+    assert list(row) == sorted(set(row)) and set(row) <= set(range(1, 11))
+  assert len({tuple(r) for r in out[:, 1:]}) > 1            # drawn per example
+
+
+def _with(config, **fields):
+  out = config.copy_and_resolve_references()
+  out.update(fields)
+  return out
+
+
 def test_vit_rejects_wrong_image_size():
   c = vit_lib.default_config()
   c.update(variant="mu/8", image_size=IMG)

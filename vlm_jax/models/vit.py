@@ -116,6 +116,7 @@ class ViT(nn.Module):
   use_bias: bool = True
   patch_bias: bool = True
   dropout: float = 0.0
+  patch_dropout: float = 0.0      # FLIP: the fraction of patch tokens dropped in training
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool | str = False      # False, or True / a name in layers.REMAT_POLICIES
@@ -160,6 +161,11 @@ class ViT(nn.Module):
       pos = posemb_sincos_2d(self.grid, self.grid, self.width)
       pos = np.concatenate([np.zeros((num_tokens - n, self.width), np.float32), pos])
     x = x + jnp.asarray(pos, self.dtype)[None]
+    prefix = num_tokens - n
+    if train and self.patch_dropout > 0:
+      # After the position embedding, so the kept tokens still say where they are.
+      x = keep_random_patches(x, prefix, kept_patches(n, self.patch_dropout),
+                              self.make_rng("dropout"))
     x = nn.with_logical_constraint(x, layers.ACT_AXES)
 
     if self.ln_pre:
@@ -170,7 +176,7 @@ class ViT(nn.Module):
         use_bias=self.use_bias, dropout=self.dropout, remat=self.remat, scan=self.scan,
         attention=self.attention, name="encoder", **kw)(x, train=train)
 
-    tokens = x[:, num_tokens - n:]
+    tokens = x[:, prefix:]
     if self.pool == "cls":
       pooled = x[:, 0]
     elif self.pool == "gap":
@@ -179,6 +185,23 @@ class ViT(nn.Module):
       pooled = MAPHead(self.num_heads, self.mlp_dim, act=self.act, ln_eps=self.ln_eps,
                        use_bias=self.use_bias, name="map_head", **kw)(tokens)
     return pooled, tokens
+
+
+def kept_patches(n: int, patch_dropout: float) -> int:
+  """Patch tokens a training step keeps of `n` (at least one; open_clip's rounding)."""
+  return max(1, int(n * (1.0 - patch_dropout)))
+
+
+def keep_random_patches(x: jax.Array, prefix: int, keep: int, rng: jax.Array) -> jax.Array:
+  """Patch dropout (FLIP, Li et al. 2023; open_clip's `patch_dropout`): x [B, prefix + n, W] ->
+  [B, prefix + keep, W], the prefix (class) tokens and `keep` of the n patch tokens drawn
+  without replacement, independently per example, in their original order. The encoder then
+  costs about keep / n of its full-image FLOPs; evaluation sees every patch."""
+  batch, n = x.shape[0], x.shape[1] - prefix
+  _, chosen = jax.lax.top_k(jax.random.uniform(rng, (batch, n)), keep)
+  chosen = jnp.sort(chosen, axis=1)
+  patches = jnp.take_along_axis(x[:, prefix:], chosen[..., None], axis=1)
+  return jnp.concatenate([x[:, :prefix], patches], axis=1)
 
 
 def validate(vit: ViT, prefix: str = "model.image") -> None:
@@ -200,6 +223,9 @@ def validate(vit: ViT, prefix: str = "model.image") -> None:
   if vit.posemb == "sincos2d" and vit.width % 4:
     raise ValueError(f"{prefix}.width: posemb 'sincos2d' needs a width divisible by 4, "
                      f"got {vit.width}")
+  if not 0.0 <= vit.patch_dropout < 1.0:
+    raise ValueError(f"{prefix}.patch_dropout: {vit.patch_dropout} is not a fraction in [0, 1) "
+                     "of the patch tokens to drop in training (FLIP uses 0.5-0.75)")
   layers.get_activation(vit.act, f"{prefix}.act")
 
 
@@ -223,6 +249,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.use_bias = True              # biases in attention / MLP
   c.patch_bias = True            # bias of the patch embedding (OpenAI CLIP: False)
   c.dropout = 0.0
+  c.patch_dropout = 0.0          # FLIP: fraction of patch tokens dropped in training (0.5-0.75)
   return c
 
 
@@ -248,10 +275,15 @@ def num_tokens(cfg) -> int:
 
 
 def forward_flops(cfg) -> float:
-  """Forward matmul FLOPs of the tower on one image (2 FLOPs per multiply-add)."""
+  """Forward matmul FLOPs of the tower on one training image (2 FLOPs per multiply-add): with
+  patch dropout the encoder and pooling count the kept tokens."""
   s = sizes(cfg)
   width, patch, n = s["width"], s["patch_size"], num_tokens(cfg)
   f = 2 * n * patch * patch * 3 * width                                     # patch embedding
+  patch_dropout = float(cfg.get("patch_dropout") or 0.0)
+  if patch_dropout > 0:          # the encoder sees the class token and the kept patches
+    cls = int(bool(cfg.class_token))
+    n = cls + kept_patches(n - cls, patch_dropout)
   f += layers.encoder_flops(n, width, s["depth"], s["mlp_dim"], causal=False)
   if cfg.pool == "map":                                   # one query over the tokens, MLP on it
     f += 2 * (n * 2 * width * width + 2 * width * width + 2 * width * s["mlp_dim"] + 2 * n * width)
@@ -267,6 +299,7 @@ def from_config(cfg, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.flo
       class_token=bool(cfg.class_token), ln_pre=bool(cfg.ln_pre), act=cfg.act,
       ln_eps=float(cfg.ln_eps), use_bias=bool(cfg.use_bias),
       patch_bias=bool(cfg.get("patch_bias", cfg.use_bias)), dropout=float(cfg.dropout),
+      patch_dropout=float(cfg.get("patch_dropout") or 0.0),
       dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan, attention=attention, name=name, **sizes(cfg))
   validate(vit)
   return vit

@@ -130,6 +130,11 @@ class PrefixLMTask(base.Task):
       problems.append(f"model.projector: unknown projector {m.get('projector')!r}; expected "
                       f"one of {', '.join(prefix_lm.PROJECTORS)}")
     problems += lm_lib.validate(m.lm)
+    if float(m.image.get("patch_dropout") or 0.0) > 0:
+      problems.append(f"model.image.patch_dropout: {m.image.patch_dropout}: the LM reads the "
+                      "image tokens at its first positions, so training on fewer of them than "
+                      "evaluation sees would move the text to other positions; use 0 here "
+                      "(patch dropout suits contrastive and cross-attention captioning towers)")
     if not problems and m.lm.get("max_length") and (
         int(m.lm.max_length) < _image_tokens(config) + int(m.context_length)):
       problems.append(f"model.lm.max_length: {m.lm.max_length} positions cannot hold "
