@@ -444,7 +444,7 @@ def check_out_dir(out_dir: str) -> str:
 
 
 def write_output(out_dir: str, params: dict, config, *, tokenizer_bytes: bytes | None = None,
-                 report: dict | None = None) -> str:
+                 report: dict | None = None, report_name: str = "conversion.json") -> str:
   """Writes the converted model as a vlm_jax workdir, atomically.
 
   Layout (that of a training workdir, see vlm_jax.checkpoint):
@@ -452,7 +452,7 @@ def write_output(out_dir: str, params: dict, config, *, tokenizer_bytes: bytes |
     OUT/checkpoints/0/meta    JSON: the config and where the weights came from
     OUT/config.json           the config (model, tokenizer, data, evals, ...)
     OUT/tokenizer.model       the tokenizer (read as config.tokenizer.kind), when given
-    OUT/conversion.json       what was converted from what
+    OUT/conversion.json       what was converted from what (`report_name`)
 
   Everything is written into a temporary directory beside OUT and renamed at the end, so a failed
   conversion leaves nothing behind. OUT must not exist yet (or be an empty directory).
@@ -475,7 +475,7 @@ def write_output(out_dir: str, params: dict, config, *, tokenizer_bytes: bytes |
     config_json = config_utils.config_to_json(config)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(config_json)
-    with open(os.path.join(tmp, "conversion.json"), "w") as f:
+    with open(os.path.join(tmp, report_name), "w") as f:
       json.dump(report or {}, f, indent=2, sort_keys=True)
     state = {"params": jax.tree.map(np.asarray, params), "step": np.zeros((), np.int32)}
     checkpointer = ckpt_lib.Checkpointer(os.path.join(tmp, "checkpoints"), async_save=False,
