@@ -95,6 +95,10 @@ def data_config() -> ml_collections.ConfigDict:
   c.neighbours_k = 3
   c.neighbours_same_phrasing = False   # prompt with each neighbour's caption at the target's
                                        # index (parallel phrasings, as shapes' four templates)
+  # Training on a weighted mixture of sources (vlm_jax.data.sources.mixture): entries of
+  # data-field overrides plus a weight, e.g. (dict(weight=0.7, source='tfds', name='cc12m'),
+  # dict(weight=0.3, source='jsonl', train_jsonl='coco.jsonl')); random-access sources only.
+  c.mixture = ()
   # WebDataset-style tar shards: brace and/or glob patterns, e.g. 'shards/{00000..00099}.tar'.
   c.train_shards = placeholder(str)
   c.eval_shards = placeholder(str)

@@ -174,7 +174,20 @@ def _data_problems_static(config) -> list:
   for field in ("read_threads", "prefetch"):
     if d[field] < 1:
       problems.append(f"data.{field}: {d[field]} must be >= 1")
-  problems += _path_problems(d, "train")
+  if d.get("mixture"):
+    from vlm_jax.data.sources import mixture  # pylint: disable=g-import-not-at-top
+    try:
+      for i, (entry, _) in enumerate(mixture.entries(d)):
+        component = mixture.component_config(d, entry)
+        if component.source not in sources.KINDS:
+          problems.append(f"data.mixture[{i}].source: unknown source {component.source!r}")
+        else:
+          problems += [p.replace("data.", f"data.mixture[{i}].", 1)
+                       for p in _path_problems(component, "train")]
+    except ValueError as e:
+      problems.append(str(e))
+  else:
+    problems += _path_problems(d, "train")
   return problems
 
 

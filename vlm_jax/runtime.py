@@ -262,7 +262,7 @@ def training_captions(config, source=None) -> list:
 def _source_captions(config, source=None) -> list:
   d = config.data
   questions = tasks_lib.get(config.task).reads_questions(config)
-  if d.source == "tfds" and d.name.startswith("shapes/"):
+  if d.source == "tfds" and d.name.startswith("shapes/") and not d.get("mixture"):
     from vlm_jax.data import shapes  # pylint: disable=g-import-not-at-top
     return shapes.caption_corpus(d.name.split("/")[1].split(":")[0], d.train_split,
                                  questions=questions)

@@ -40,7 +40,14 @@ KINDS = ("tfds", "wds", "jsonl", "imagefolder", "vqav2", "text")
 
 def make_source(data_config, split_name):
   """The source for `split_name` in {'train', 'eval'} from `config.data` (or an eval entry's
-  data config)."""
+  data config); for training with `data.mixture`, the weighted mixture of its entries."""
+  if split_name == "train" and data_config.get("mixture"):
+    from vlm_jax.data.sources import mixture  # pylint: disable=g-import-not-at-top
+    parts = mixture.entries(data_config)
+    components = [make_source(mixture.component_config(data_config, entry), "train")
+                  for entry, _ in parts]
+    return mixture.MixtureSource(components, [w for _, w in parts],
+                                 [f"data.mixture[{i}]" for i in range(len(parts))])
   kind = data_config.source
   if kind == "tfds":
     split = data_config.train_split if split_name == "train" else data_config.eval_split
