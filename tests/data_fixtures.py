@@ -47,9 +47,10 @@ def shapes_tokenizer(tmp_path_factory):
       path, lambda: shapes.caption_corpus(SHAPES_CONFIG), TOKENIZER_VOCAB_SIZE)
 
 
-def write_tar_and_jsonl(folder, num_tars, per_tar):
-  """The same images and captions as tar shards (`{folder}/{s:05d}.tar`, a .jpg and a .txt per
-  sample) and as a jsonl file with the images beside it. Returns the tar pattern."""
+def write_tar_and_jsonl(folder, num_tars, per_tar, caption="a red circle number"):
+  """The same images and captions (`<caption> <i>`) as tar shards (`{folder}/{s:05d}.tar`, a
+  .jpg and a .txt per sample) and as a jsonl file with the images beside it. Returns the tar
+  pattern."""
   rng = np.random.default_rng(0)
   os.makedirs(os.path.join(folder, "images"))
   with open(os.path.join(folder, "captions.jsonl"), "w") as jsonl:
@@ -58,14 +59,14 @@ def write_tar_and_jsonl(folder, num_tars, per_tar):
         for i in range(per_tar):
           buf = io.BytesIO()
           Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
-          caption = f"a red circle number {s * per_tar + i}"
+          text = f"{caption} {s * per_tar + i}"
           for name, data in ((f"k{i:03d}.jpg", buf.getvalue()), (f"k{i:03d}.txt",
-                                                                  caption.encode())):
+                                                                  text.encode())):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
           image = f"images/{s}_{i}.jpg"
           with open(os.path.join(folder, image), "wb") as f:
             f.write(buf.getvalue())
-          jsonl.write(json.dumps({"image": image, "caption": caption}) + "\n")
+          jsonl.write(json.dumps({"image": image, "caption": text}) + "\n")
   return os.path.join(folder, "{00000..%05d}.tar" % (num_tars - 1))

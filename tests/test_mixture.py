@@ -10,10 +10,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from data_fixtures import shapes_data_dir, write_tar_and_jsonl  # pylint: disable=unused-import
+from data_fixtures import shapes_data_dir, shapes_tokenizer, write_tar_and_jsonl  # pylint: disable=unused-import
 import train_utils
 from vlm_jax import config_utils
 from vlm_jax import preflight
+from vlm_jax.data import ops
 from vlm_jax.data import pipeline
 from vlm_jax.data import sources
 
@@ -89,6 +90,41 @@ def test_the_pipeline_mixes_by_weight_and_resumes_exactly(two_sets):
   assert source.counts == [30, 10]
 
 
+def test_tar_shard_sources_interleave_by_weight_and_resume_on_the_same_processes(
+    tmp_path, shapes_tokenizer):
+  """Two tar-shard sets mixed 3:1: each process reads its own shards of both, every 4 examples
+  hold 3 of the first; the state resumes exactly, on the same process count only."""
+  alpha = write_tar_and_jsonl(str(tmp_path / "alpha"), 2, 12, caption="alpha")
+  beta = write_tar_and_jsonl(str(tmp_path / "beta"), 2, 12, caption="beta")
+  data = _data(dict(weight=3, source="wds", train_shards=alpha),
+               dict(weight=1, source="wds", train_shards=beta))
+  source = sources.make_source(data, "train")
+  assert not source.random_access
+  field_ops = [ops.Caption(shapes_tokenizer, 8)]
+  alpha_id = shapes_tokenizer.encode(["alpha"], 8)[0, 1]     # the first piece after bos
+  assert alpha_id != shapes_tokenizer.encode(["beta"], 8)[0, 1]
+
+  def words(batch):
+    return ["alpha" if row[1] == alpha_id else "beta" for row in batch["text"]]
+
+  for process in (0, 1):
+    it = pipeline.make_train_iterator(data, field_ops, batch_size=8, process_index=process,
+                                      process_count=2)
+    first = [next(it) for _ in range(2)]
+    assert [words(b).count("alpha") for b in first] == [6, 6]
+    state = it.get_state()
+    rest = [next(it) for _ in range(2)]
+    it.close()
+    again = pipeline.make_train_iterator(data, field_ops, batch_size=8, process_index=process,
+                                         process_count=2)
+    again.set_state(state)
+    for a, b in zip(rest, [next(again) for _ in range(2)]):
+      np.testing.assert_array_equal(a["image"], b["image"])
+    again.close()
+  with pytest.raises(ValueError, match="resumes on 2 process"):
+    pipeline.resume_state([state, state], 0, 1)
+
+
 def test_the_trainer_trains_on_a_mixture(two_sets, shapes_data_dir, tmp_path):
   """A mixture of a jsonl file and the TFDS shapes split: the tokenizer is trained on both
   (captions of the storage-order prefix), and a few steps run."""
@@ -122,7 +158,7 @@ def test_bad_mixtures_are_named(two_sets, tmp_path):
        r"data.mixture\[1\]: unknown data field\(s\) train_jsonl_path"),
       ((dict(weight=1, source="jsonl", train_jsonl=alpha), dict(weight=1, source="wds",
                                                                train_shards=tar_pattern)),
-       r"data.mixture\[1\]: tar shards .* cannot be mixed"),
+       r"data.mixture\[0\] is random-access .*data.mixture\[1\] is sequential .*not both"),
   ]
   for entries, match in cases:
     with pytest.raises(ValueError, match=match):

@@ -20,8 +20,13 @@ strides through the virtual positions (position p reads virtual position p * a m
 stride a coprime to L), so that any prefix, such as the captions a tokenizer is trained on, has
 every component in proportion too.
 
-Sequential sources (tar shards, TFRecord-only TFDS) have no random access and cannot mix this
-way: they are refused by name.
+Sequential sources (tar shards, TFRecord-only TFDS) have no random access. A mixture of them
+alone interleaves their streams instead: each process reads its own shards of every source, and
+example k goes to the source j with the smallest (read_j + 1) / w_j (a smooth weighted
+round-robin, so every prefix of a batch holds the sources in proportion, exactly at multiples
+of the weights' period). Its position is every source's position plus the counts, so it
+resumes exactly on the same number of processes (as tar shards do); with `num_epochs` it ends
+when the first source has been read that many times. A mixture of both kinds is refused.
 """
 from __future__ import annotations
 
@@ -77,21 +82,28 @@ class MixtureSource:
   random_access = True
 
   def __init__(self, components: list, weights: list[float], names: list[str]):
+    kinds = [bool(getattr(source, "random_access", False)) for source in components]
+    if len(set(kinds)) > 1:
+      raise ValueError(
+          "data.mixture: " + "; ".join(
+              f"{name} is {'random-access' if k else 'sequential'} ({s.describe()})"
+              for name, k, s in zip(names, kinds, components)) +
+          ": a mixture is either of random-access sources (TFDS array_record, jsonl, "
+          "imagefolder) or of sequential ones (tar shards, TFRecord-only TFDS), not both")
+    self.components, self.weights, self.names = components, weights, names
+    self.provides = frozenset.intersection(*(frozenset(s.provides) for s in components))
+    self.random_access = kinds[0]
+    if not self.random_access:
+      return
     for source, name in zip(components, names):
-      if not getattr(source, "random_access", False):
-        raise ValueError(f"{name}: {source.describe()} is read sequentially (tar shards, "
-                         "TFRecord-only TFDS) and cannot be mixed; mixtures take random-access "
-                         "sources (TFDS array_record, jsonl, imagefolder)")
       if len(source) == 0:
         raise ValueError(f"{name}: {source.describe()} holds no examples")
-    self.components, self.weights, self.names = components, weights, names
     virtual_epoch = max(len(s) / w for s, w in zip(components, weights))
     self.counts = [max(len(s), round(w * virtual_epoch)) for s, w in zip(components, weights)]
     self._starts = [0]
     for count in self.counts:
       self._starts.append(self._starts[-1] + count)
     self._stride = _stride(self._starts[-1])
-    self.provides = frozenset.intersection(*(frozenset(s.provides) for s in components))
 
   def __len__(self) -> int:
     return self._starts[-1]
@@ -108,9 +120,35 @@ class MixtureSource:
     component, example = self.locate(int(index))
     return self.components[component][example]
 
+  def iterate(self, position, *, process_index, process_count, seed, shuffle, num_epochs=None):
+    """Sequential sources: yields (raw example, position after it), interleaving the sources'
+    own streams by weight from `position` (see the module docstring)."""
+    n = len(self.components)
+    parts = [dict(p) for p in position.get("parts") or
+             [{"epoch": 0, "group": 0, "offset": 0}] * n]
+    counts, read = list(position.get("counts") or [0] * n), int(position.get("offset", 0))
+    streams = [source.iterate(part, process_index=process_index, process_count=process_count,
+                              seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+               for source, part in zip(self.components, parts)]
+    while True:
+      j = min(range(n), key=lambda i: (counts[i] + 1) / self.weights[i])
+      try:
+        raw, parts[j] = next(streams[j])
+      except StopIteration:
+        if not any(counts):
+          raise ValueError(f"{self.names[j]}: {self.components[j].describe()} gives process "
+                           f"{process_index} of {process_count} no examples") from None
+        return                     # a source read num_epochs times ends the mixture
+      counts[j] += 1
+      read += 1
+      # epoch / group / offset seed the example's randomness (pipeline): offset is unique.
+      yield raw, {"epoch": 0, "group": 0, "offset": read, "counts": list(counts),
+                  "parts": [dict(p) for p in parts]}
+
   def describe(self) -> str:
+    size = lambda s: f", {len(s)} examples" if self.random_access else ""
     return "a mixture of " + "; ".join(
-        f"{s.describe()} (weight {w:.3g}, {len(s)} examples)"
+        f"{s.describe()} (weight {w:.3g}{size(s)})"
         for s, w in zip(self.components, self.weights))
 
   def class_names(self):
