@@ -97,7 +97,8 @@ def data_config() -> ml_collections.ConfigDict:
                                        # index (parallel phrasings, as shapes' four templates)
   # Training on a weighted mixture of sources (vlm_jax.data.sources.mixture): entries of
   # data-field overrides plus a weight, e.g. (dict(weight=0.7, source='tfds', name='cc12m'),
-  # dict(weight=0.3, source='jsonl', train_jsonl='coco.jsonl')); random-access sources only.
+  # dict(weight=0.3, source='jsonl', train_jsonl='coco.jsonl')); all random-access sources or
+  # all sequential ones (tar shards).
   c.mixture = ()
   # WebDataset-style tar shards: brace and/or glob patterns, e.g. 'shards/{00000..00099}.tar'.
   c.train_shards = placeholder(str)
