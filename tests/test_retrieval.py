@@ -280,6 +280,19 @@ def test_neighbours_are_the_best_captions_of_other_images(eval_embeddings, tmp_p
     by_id = {t["id"]: t for t in text_rows}
     assert all(by_id[n["id"]]["image"] != row["id"] and by_id[n["id"]]["caption"] == n["caption"]
                for n in got["neighbours"]), i
+  # A compressed (IVF-PQ, re-ranked) caption index built on the command line gives the same
+  # neighbours' scores.
+  proc = subprocess.run([sys.executable, "-m", "vlm_jax.index", "build", f"--embeddings={emb}",
+                         "--kind=texts", f"--out={tmp_path / 'pq'}", "--pq_bytes=8",
+                         "--target_recall=0.9"], cwd=REPO, env=subprocess_env(1),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["backend"] == "faiss_ivf_pq"
+  pq_out = str(tmp_path / "pq_neighbours.jsonl")
+  index_lib.neighbours(search.Index.load(str(tmp_path / "pq")), emb, 3, pq_out)
+  for exact_row, pq_row in zip(found, (json.loads(line) for line in open(pq_out))):
+    np.testing.assert_allclose([n["score"] for n in pq_row["neighbours"]],
+                               [n["score"] for n in exact_row["neighbours"]], atol=1e-5)
   # Another model's embeddings are refused, naming both.
   manifest = json.load(open(os.path.join(emb, "manifest.json")))
   other = str(tmp_path / "other")
