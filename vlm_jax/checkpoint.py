@@ -238,24 +238,26 @@ class Checkpointer:
     skipped = lambda path: rx is not None and rx.search(path) is not None
     messages, mismatched, target, resample = relayout.messages(field), [], {}, {}
     for path, (want, model_paths) in targets.items():
-      plan = path in saved and checkpoint_layout.grid_resample_plan(
-          path, tuple(saved[path].shape), tuple(want.shape))
       if skipped(path) or all(skipped(p) for p in model_paths):
         messages.append(f"{field}: skipped by init_from_skip: {path}")
-      elif path not in saved:
+        continue
+      if path not in saved:
         messages.append(f"{field}: missing in checkpoint (kept fresh init): {path}")
-      elif tuple(saved[path].shape) != tuple(want.shape) and plan:
-        # An image tower's position embedding for another grid: read as stored, resized below.
-        resample[path] = plan
-        target[path] = jax.ShapeDtypeStruct(tuple(saved[path].shape), want.dtype,
-                                            sharding=checkpoint_layout.replicated(want.sharding))
-        messages.append(f"{field}: {path} resampled from a {plan[1]}x{plan[1]} grid to "
-                        f"{plan[2]}x{plan[2]} (antialiased bicubic)")
-      elif tuple(saved[path].shape) != tuple(want.shape):
-        mismatched.append(f"{path}: checkpoint {tuple(saved[path].shape)} vs model "
-                          f"{tuple(want.shape)}")
-      else:
+        continue
+      have = tuple(saved[path].shape)
+      if have == tuple(want.shape):
         target[path] = want
+        continue
+      plan = checkpoint_layout.grid_resample_plan(path, have, tuple(want.shape))
+      if plan is None:
+        mismatched.append(f"{path}: checkpoint {have} vs model {tuple(want.shape)}")
+        continue
+      # An image tower's position embedding for another grid: read as stored, resized below.
+      resample[path] = plan
+      target[path] = jax.ShapeDtypeStruct(have, want.dtype,
+                                          sharding=checkpoint_layout.replicated(want.sharding))
+      messages.append(f"{field}: {path} resampled from a {plan[1]}x{plan[1]} grid to "
+                      f"{plan[2]}x{plan[2]} (antialiased bicubic)")
     for path in saved:
       if path not in targets:
         messages.append(f"{field}: unused checkpoint param: {path}")

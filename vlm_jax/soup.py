@@ -50,7 +50,7 @@ def check_weights(weights: Optional[Sequence[float]], count: int) -> list[float]
 
 
 def _plain_params(loaded) -> dict:
-  """{path: float64 numpy array} of a loaded checkpoint's params in the plain block layout."""
+  """{path: numpy array} of a loaded checkpoint's params in the plain block layout."""
   import jax  # pylint: disable=g-import-not-at-top
   from vlm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from vlm_jax.models import layers  # pylint: disable=g-import-not-at-top
