@@ -56,18 +56,17 @@ def stack_layouts(paths) -> dict[str, str]:
   return layouts
 
 
-def _sharding_without_leading_axis(sharding):
+def _respec(sharding, spec: tuple):
+  """A NamedSharding on the same mesh with partition spec `spec` (other shardings as they are:
+  they name no axes)."""
   if isinstance(sharding, jax.sharding.NamedSharding):
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
-        *tuple(sharding.spec)[1:]))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
   return sharding
 
 
-def _sharding_with_leading_axis(sharding):
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
-        None, *tuple(sharding.spec)))
-  return sharding
+def _spec(leaf) -> tuple:
+  sharding = getattr(leaf, "sharding", None)
+  return tuple(sharding.spec) if isinstance(sharding, jax.sharding.NamedSharding) else ()
 
 
 @dataclasses.dataclass
@@ -93,32 +92,26 @@ class Relayout:
   def checkpoint_targets(self, wanted: dict) -> dict:
     """{checkpoint path: (restore target, [the model paths it feeds])}: the model's targets
     (ShapeDtypeStructs) under the checkpoint's paths and shapes."""
-    out, plain_blocks = {}, {}
+    out, plain_blocks, depths = {}, {}, {}
     for path, leaf in wanted.items():
       split = self._converted(path)
       if split is None:
         out[path] = (leaf, [path])
       elif split[1] is None:                       # the model scans, the checkpoint is plain
         prefix, _, rest = split
-        block = jax.ShapeDtypeStruct(
-            leaf.shape[1:], leaf.dtype,
-            sharding=_sharding_without_leading_axis(getattr(leaf, "sharding", None)))
+        block = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype,
+                                     sharding=_respec(leaf.sharding, _spec(leaf)[1:]))
         for i in range(leaf.shape[0]):
           out[f"{prefix}/block_{i}/{rest}"] = (block, [path])
       else:                                        # the model is plain, the checkpoint scans
         prefix, index, rest = split
-        plain_blocks.setdefault(f"{prefix}/blocks/{rest}", {})[index] = (path, leaf)
-    depths = {}
-    for stacked_path, by_index in plain_blocks.items():
-      prefix = split_block_path(stacked_path)[0]
-      depths[prefix] = max(depths.get(prefix, 0), max(by_index) + 1)
-    for stacked_path, by_index in plain_blocks.items():
+        plain_blocks.setdefault((prefix, rest), {})[index] = (path, leaf)
+        depths[prefix] = max(depths.get(prefix, 0), index + 1)
+    for (prefix, rest), by_index in plain_blocks.items():
       _, leaf = next(iter(by_index.values()))
-      depth = depths[split_block_path(stacked_path)[0]]
-      out[stacked_path] = (
-          jax.ShapeDtypeStruct(
-              (depth,) + tuple(leaf.shape), leaf.dtype,
-              sharding=_sharding_with_leading_axis(getattr(leaf, "sharding", None))),
+      out[f"{prefix}/blocks/{rest}"] = (
+          jax.ShapeDtypeStruct((depths[prefix],) + tuple(leaf.shape), leaf.dtype,
+                               sharding=_respec(leaf.sharding, (None,) + _spec(leaf))),
           [by_index[i][0] for i in sorted(by_index)])
     return out
 
@@ -179,9 +172,7 @@ def grid_resample_plan(path: str, saved_shape, wanted_shape) -> Optional[tuple[i
 def replicated(sharding):
   """The same devices, nothing split (a param restored at the checkpoint's shape, which the
   target's partitioning may not divide)."""
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-  return sharding
+  return _respec(sharding, ())
 
 
 def resample_grids(loaded: dict, plans: dict, wanted: dict) -> dict:

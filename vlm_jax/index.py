@@ -2,7 +2,7 @@ r"""Build a vector index from `vlm_jax.embed` output, and query it with the same
 
   python -m vlm_jax.index build --embeddings runs/clip/embeddings --kind texts \
       --out runs/clip/caption_index [--approximate --nlist 4096 --target_recall 0.95]
-      [--pq_bytes 32 --rerank 10]
+      [--pq_bytes 32 --rerank 50]
   python -m vlm_jax.index query --index runs/clip/caption_index --workdir runs/clip \
       --text "a red circle" -k 10
   python -m vlm_jax.index query --index runs/clip/image_index --workdir runs/clip \
@@ -15,7 +15,8 @@ r"""Build a vector index from `vlm_jax.embed` output, and query it with the same
 (every vector, blocked matrix products on the accelerator when there is one) by default, or a
 faiss inverted-file index with `--approximate` for corpora past a few million vectors, with
 `--pq_bytes N` one whose lists hold N-byte codes instead of the vectors, its candidates
-re-ranked by the exact vectors read from disk (see `vlm_jax.search`). `query` embeds the text or image with the checkpoint in --workdir, refuses
+re-ranked by the exact vectors read from disk (see `vlm_jax.search`). `query` embeds the text
+or image with the checkpoint in --workdir, refuses
 an index built with another model (naming both), and prints one line per hit: rank, score, id,
 caption (text index) or the image's captions (image index); `--json` prints JSON lines instead.
 `neighbours` writes, for every image of an embeddings folder, the k nearest captions of a

@@ -17,7 +17,8 @@ covers IVF, product quantisation and HNSW, CPU and GPU. We use an inverted file 
 vectors (`IndexIVFFlat`, inner product): its recall is set at query time by `nprobe`, which
 the index stores beside itself (`bench/index.py` measures recall@10 against exact search). For
 corpora whose vectors do not fit in memory, the lists can hold product-quantised codes instead
-(`IndexIVFPQ`, `pq_bytes` per vector), at a recall that stops short of 1.
+(`IndexIVFPQ`, `pq_bytes` per vector), their candidates re-ranked by the exact vectors, which
+stay on disk.
 
 An index records the model that embedded its vectors (`model`: its id and embedding size); a
 query with another model fails naming both (`check_model`).
@@ -269,6 +270,11 @@ class Index:
     n, d = vectors.shape
     if pq_bytes is not None:
       _check_pq(int(pq_bytes), n, d)
+    if rerank_factor is None:
+      rerank_factor = DEFAULT_RERANK if pq_bytes else 0
+    if rerank_factor and not pq_bytes:
+      raise ValueError("index: re-ranking is for an index of compressed vectors (pq_bytes); "
+                       "an IVF-Flat index already holds the exact vectors")
     if not approximate and not pq_bytes:
       return cls(vectors, list(rows), model, kind)
     import faiss  # pylint: disable=g-import-not-at-top
@@ -286,11 +292,6 @@ class Index:
     ivf.cp.max_points_per_centroid = 64
     ivf.train(vectors)
     ivf.add(vectors)
-    if rerank_factor is None:
-      rerank_factor = DEFAULT_RERANK if pq_bytes else 0
-    if rerank_factor and not pq_bytes:
-      raise ValueError("index: re-ranking is for an index of compressed vectors (pq_bytes); "
-                       "an IVF-Flat index already holds the exact vectors")
     if not nprobe:
       nprobe = calibrate_nprobe(ivf, vectors, target_recall, seed=seed,
                                 rerank_factor=rerank_factor)

@@ -1,4 +1,4 @@
-"""A weighted mixture of training sources, as one random-access source.
+"""A weighted mixture of training sources, as one source.
 
     config.data.mixture = (
         dict(weight=0.7, source="tfds", name="cc12m", data_dir="gs://bucket/tfds"),
@@ -77,9 +77,8 @@ def _stride(length: int) -> int:
 
 
 class MixtureSource:
-  """Random-access source over the weighted components (see the module docstring)."""
-
-  random_access = True
+  """The weighted components as one source: random-access when they all are, else sequential
+  (see the module docstring)."""
 
   def __init__(self, components: list, weights: list[float], names: list[str]):
     kinds = [bool(getattr(source, "random_access", False)) for source in components]
